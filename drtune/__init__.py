@@ -1,0 +1,5 @@
+"""drtune: hyperparameter search for referable diabetic retinopathy detection."""
+
+from __future__ import annotations
+
+__version__ = "0.1.0"

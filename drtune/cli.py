@@ -1,0 +1,137 @@
+"""Command line: argparse subcommands, each a thin handler that calls one library function.
+
+Errors become one line ``drtune: error: ...`` with exit code 2 for bad usage, configuration or
+data and 1 for failures while running (DESIGN.md). Heavy modules (TensorFlow) are imported
+inside the handlers so that ``drtune --help`` answers instantly.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging as std_logging
+import os
+import sys
+from pathlib import Path
+from typing import Callable, Sequence
+
+from absl import logging
+
+from drtune import __version__
+from drtune.errors import DrtuneError, InputError
+
+Handler = Callable[[argparse.Namespace], int]
+
+
+# --------------------------------------------------------------------------- handlers
+
+
+def cmd_synth(args: argparse.Namespace) -> int:
+    from drtune.synth import make_synthetic
+
+    summary = make_synthetic(args.out, n_train=args.n_train, n_test=args.n_test,
+                             width=args.width, height=args.height, seed=args.seed)
+    logging.info("wrote %d training and %d test photographs to %s",
+                 summary.n_train, summary.n_test, summary.root)
+    return 0
+
+
+def cmd_prepare(args: argparse.Namespace) -> int:
+    from drtune.prepare import PrepareOptions, prepare, resolve_source
+
+    source = resolve_source(args.src, args.images, args.labels, args.test_images, args.test_labels)
+    opts = PrepareOptions(size=args.size, val_fraction=args.val_fraction, rdr_grade=args.rdr_grade,
+                          group_pattern=args.group_pattern, seed=args.seed, workers=args.workers,
+                          on_error=args.on_error, normalize=args.normalize,
+                          jpeg_quality=args.jpeg_quality, overwrite=args.overwrite)
+    prepare(source, args.out, opts)
+    return 0
+
+
+# --------------------------------------------------------------------------- parser
+
+
+def _add_synth(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("synth", help="make synthetic fundus photographs in IDRiD layout",
+                       description="Write synthetic colour fundus photographs with ICDR grades and "
+                                   "lesion masks in IDRiD 'Disease Grading' layout.")
+    p.add_argument("out", type=Path, help="output folder (must not exist)")
+    p.add_argument("--n-train", type=int, default=48, help="training photographs (default 48)")
+    p.add_argument("--n-test", type=int, default=12, help="test photographs (default 12)")
+    p.add_argument("--width", type=int, default=640, help="image width (default 640; IDRiD: 4288)")
+    p.add_argument("--height", type=int, default=426, help="image height (default 426; IDRiD: 2848)")
+    p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    p.set_defaults(handler=cmd_synth)
+
+
+def _add_prepare(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "prepare", help="fundus photographs + grades -> TFRecord shards",
+        description="Detect the retina field, crop, resize and split fundus photographs, and write "
+                    "TFRecord shards plus meta.json. SRC is an IDRiD folder ('B. Disease Grading' "
+                    "layout); for other layouts use --images and --labels.")
+    p.add_argument("src", type=Path, nargs="?", help="IDRiD root or 'B. Disease Grading' folder")
+    p.add_argument("--out", type=Path, required=True, help="output data directory (must not exist)")
+    p.add_argument("--images", type=Path, help="folder of training photographs")
+    p.add_argument("--labels", type=Path, help="CSV with 'Image name,Retinopathy grade' columns")
+    p.add_argument("--test-images", type=Path, help="folder of test photographs")
+    p.add_argument("--test-labels", type=Path, help="CSV of the test photographs")
+    p.add_argument("--size", type=int, default=256, help="output side in pixels (default 256)")
+    p.add_argument("--val-fraction", type=float, default=0.2,
+                   help="share of training images held out for validation (default 0.2)")
+    p.add_argument("--rdr-grade", type=int, default=2,
+                   help="lowest ICDR grade counted as referable (default 2)")
+    p.add_argument("--group-pattern", help="regex whose first group keeps related images in one "
+                                           r"split, e.g. '(Patient\d+)_[LR]'")
+    p.add_argument("--seed", type=int, default=0, help="split seed (default 0)")
+    p.add_argument("--workers", type=int, default=0, help="worker processes (default: all cores)")
+    p.add_argument("--on-error", choices=("fail", "skip"), default="fail",
+                   help="on bad input: report all problems and write nothing (fail, default), "
+                        "or leave bad items out and list them in meta.json (skip)")
+    p.add_argument("--normalize", choices=("none", "graham"), default="none",
+                   help="optional colour normalisation (graham: local-average subtraction)")
+    p.add_argument("--jpeg-quality", type=int, default=95, help="JPEG quality of crops (default 95)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+    p.set_defaults(handler=cmd_prepare)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``drtune`` parser with one subparser per command."""
+    parser = argparse.ArgumentParser(
+        prog="drtune",
+        description="Hyperparameter search for referable diabetic retinopathy detection.")
+    parser.add_argument("--version", action="version", version=f"drtune {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("-q", "--quiet", action="store_true", help="warnings and errors only")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+    for add in (_add_synth, _add_prepare):
+        add(sub)
+    return parser
+
+
+def setup_logging(verbose: bool = False, quiet: bool = False) -> None:
+    """absl logging to stderr with a short, human-readable format."""
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TF's C++ start-up chatter
+    logging.use_absl_handler()
+    handler = logging.get_absl_handler()
+    handler.setFormatter(std_logging.Formatter("%(asctime)s %(levelname).1s %(message)s", "%H:%M:%S"))
+    logging.set_verbosity(logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``drtune`` console script; returns the exit code."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    setup_logging(args.verbose, args.quiet)
+    try:
+        return int(args.handler(args))
+    except DrtuneError as exc:
+        print(f"drtune: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("drtune: error: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,520 @@
+"""Fundus photographs + grades -> TFRecord shards + meta.json, written once, read by training.
+
+The expensive work (JPEG decode, field detection, crop, resize, re-encode) runs in worker
+processes that use only OpenCV/numpy; the parent process alone touches TensorFlow, to serialise
+the shards. Output is built in a temporary directory beside the destination and renamed into
+place only when complete, so a failed or interrupted run never leaves half a data set.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import multiprocessing
+import os
+import shutil
+import tempfile
+import time
+from collections import Counter
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+from absl import logging
+
+from drtune import __version__
+from drtune.errors import InputError
+from drtune.labels import (
+    LabelRow,
+    Problem,
+    compile_group_pattern,
+    group_key,
+    list_images,
+    match,
+    read_labels,
+)
+
+SPLITS: tuple[str, ...] = ("train", "val", "test")
+ON_ERROR: tuple[str, ...] = ("fail", "skip")
+
+
+@dataclass(frozen=True)
+class Source:
+    """Where the photographs and grade CSVs are; test images are optional."""
+
+    train_images: Path
+    train_labels: Path
+    test_images: Path | None = None
+    test_labels: Path | None = None
+    description: str = ""
+
+
+@dataclass(frozen=True)
+class PrepareOptions:
+    """Settings of one ``prepare`` run (all recorded in meta.json)."""
+
+    size: int = 256
+    val_fraction: float = 0.2
+    rdr_grade: int = 2
+    group_pattern: str | None = None
+    seed: int = 0
+    workers: int = 0  # 0: one per CPU core
+    on_error: str = "fail"
+    normalize: str = "none"
+    jpeg_quality: int = 95
+    shard_size: int = 512  # examples per shard: a few MB each at 256 px
+    overwrite: bool = False
+
+    def validate(self) -> None:
+        from drtune.fundus import NORMALIZATIONS
+
+        if not 32 <= self.size <= 4096:
+            raise InputError(f"--size {self.size}: must be between 32 and 4096")
+        if not 0.0 < self.val_fraction < 1.0:
+            raise InputError(f"--val-fraction {self.val_fraction}: must be between 0 and 1 (exclusive)")
+        if not 1 <= self.rdr_grade <= 4:
+            raise InputError(f"--rdr-grade {self.rdr_grade}: must be 1-4")
+        if self.workers < 0:
+            raise InputError(f"--workers {self.workers}: must be >= 0 (0 = all cores)")
+        if self.on_error not in ON_ERROR:
+            raise InputError(f"--on-error {self.on_error!r}: must be one of {', '.join(ON_ERROR)}")
+        if self.normalize not in NORMALIZATIONS:
+            raise InputError(
+                f"--normalize {self.normalize!r}: must be one of {', '.join(NORMALIZATIONS)}"
+            )
+        if not 1 <= self.jpeg_quality <= 100:
+            raise InputError(f"--jpeg-quality {self.jpeg_quality}: must be 1-100")
+        if self.shard_size < 1:
+            raise InputError(f"--shard-size {self.shard_size}: must be >= 1")
+        compile_group_pattern(self.group_pattern)
+
+
+# --------------------------------------------------------------------------- sources
+
+
+def _one(parent: Path, pattern: str, what: str) -> Path:
+    hits = sorted(p for p in parent.glob(pattern))
+    if len(hits) != 1:
+        raise InputError(
+            f"{parent}: expected one {what} matching {pattern!r}, found {len(hits)}"
+        )
+    return hits[0]
+
+
+def find_idrid(root: Path) -> Source:
+    """Locate IDRiD's "B. Disease Grading" layout at or below ``root``.
+
+    Accepts the data set root (which holds ``B. Disease Grading``) or that folder itself, so users
+    can point at whatever they unzipped.
+    """
+    root = Path(root)
+    if not root.is_dir():
+        raise InputError(f"{root}: source folder not found")
+    base = root
+    if not any(base.glob("*Original Images*")):
+        nested = [p for p in root.glob("*Disease Grading*") if p.is_dir()]
+        if len(nested) != 1 or not any(nested[0].glob("*Original Images*")):
+            raise InputError(
+                f"{root}: not an IDRiD 'Disease Grading' folder (no '1. Original Images'); "
+                "use --images DIR --labels CSV for other layouts"
+            )
+        base = nested[0]
+    images = _one(base, "*Original Images*", "'Original Images' folder")
+    truth = _one(base, "*Groundtruths*", "'Groundtruths' folder")
+    train_images = _one(images, "a.*Train*", "training image folder")
+    train_labels = _one(truth, "a.*Train*.csv", "training label CSV")
+    test_dirs = sorted(images.glob("b.*Test*"))
+    test_csvs = sorted(truth.glob("b.*Test*.csv"))
+    return Source(
+        train_images=train_images,
+        train_labels=train_labels,
+        test_images=test_dirs[0] if test_dirs and test_csvs else None,
+        test_labels=test_csvs[0] if test_dirs and test_csvs else None,
+        description=f"IDRiD layout at {base}",
+    )
+
+
+def resolve_source(
+    src: Path | None,
+    images: Path | None = None,
+    labels: Path | None = None,
+    test_images: Path | None = None,
+    test_labels: Path | None = None,
+) -> Source:
+    """Turn the command-line arguments into a :class:`Source` (IDRiD auto-detection or explicit)."""
+    if images is not None or labels is not None:
+        if images is None or labels is None:
+            raise InputError("--images and --labels must be given together")
+        if (test_images is None) != (test_labels is None):
+            raise InputError("--test-images and --test-labels must be given together")
+        return Source(Path(images), Path(labels), test_images and Path(test_images),
+                      test_labels and Path(test_labels), f"images {images}, labels {labels}")
+    if src is None:
+        raise InputError("give a source folder (IDRiD layout) or --images DIR --labels CSV")
+    return find_idrid(Path(src))
+
+
+# --------------------------------------------------------------------------- images
+
+
+class ImageError(ValueError):
+    """An image file that cannot be turned into a crop; the message says why."""
+
+
+def _reduce_flag(width: int, height: int, size: int) -> int:
+    """The OpenCV decode flag that shrinks the most while keeping the field >= ``size`` pixels.
+
+    libjpeg scales by 1/2, 1/4 or 1/8 inside the IDCT, so a 4288x2848 photo decodes at 536x356
+    several times faster than at full size — the main speed-up of ``prepare``.
+    """
+    import cv2
+
+    short = min(width, height)
+    for factor, flag in ((8, cv2.IMREAD_REDUCED_COLOR_8), (4, cv2.IMREAD_REDUCED_COLOR_4),
+                         (2, cv2.IMREAD_REDUCED_COLOR_2)):
+        if short / factor >= size:
+            return flag
+    return cv2.IMREAD_COLOR
+
+
+def decode_image(data: bytes, size: int, where: str = "image") -> np.ndarray:
+    """Decode image bytes to RGB uint8 at the smallest resolution that still serves ``size``."""
+    import cv2
+    from PIL import Image, UnidentifiedImageError
+
+    if not data:
+        raise ImageError("file is empty")
+    try:
+        with Image.open(io.BytesIO(data)) as probe:
+            width, height = probe.size  # reads the header only
+    except (UnidentifiedImageError, OSError) as exc:
+        raise ImageError("not an image file (cannot identify format)") from exc
+    if data[:2] == b"\xff\xd8" and b"\xff\xd9" not in data[-4096:]:
+        # libjpeg fills a truncated scan with grey and only prints a warning, so check the end
+        # marker ourselves rather than train on half-grey photos.
+        raise ImageError("truncated JPEG (no end-of-image marker)")
+    buf = np.frombuffer(data, dtype=np.uint8)
+    bgr = cv2.imdecode(buf, _reduce_flag(width, height, size))
+    if bgr is None:
+        raise ImageError("cannot be decoded (corrupt image data)")
+    return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
+
+
+def preprocess_file(path: Path | str, size: int = 256, normalize: str = "none") -> np.ndarray:
+    """Read a photograph and apply exactly the ``prepare`` preprocessing; RGB uint8 size x size x 3.
+
+    ``predict`` and ``gradcam`` call this on raw photographs so that a model always sees images
+    prepared the way its training data was.
+    """
+    from drtune.fundus import NoFieldError, preprocess
+
+    path = Path(path)
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise ImageError(f"cannot read file ({exc.strerror or exc})") from exc
+    rgb = decode_image(data, size, str(path))
+    try:
+        return preprocess(rgb, size=size, normalize=normalize)
+    except NoFieldError as exc:
+        raise ImageError(f"no retina field found ({exc})") from exc
+
+
+def encode_jpeg(rgb: np.ndarray, quality: int) -> bytes:
+    """RGB uint8 -> JPEG bytes (what the TFRecord ``image`` feature holds)."""
+    import cv2
+
+    ok, buf = cv2.imencode(".jpg", cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR),
+                           [int(cv2.IMWRITE_JPEG_QUALITY), int(quality)])
+    if not ok:  # pragma: no cover - OpenCV only fails here on invalid arrays
+        raise ImageError("JPEG encoding failed")
+    return buf.tobytes()
+
+
+def _work(job: tuple[str, int, str, int]) -> tuple[bytes | None, str | None]:
+    """Worker-process entry point: one photo -> (JPEG crop, None) or (None, reason)."""
+    path, size, normalize, quality = job
+    try:
+        return encode_jpeg(preprocess_file(path, size, normalize), quality), None
+    except ImageError as exc:
+        return None, str(exc)
+
+
+def _init_worker() -> None:
+    import cv2
+
+    # One OpenCV thread per process: the pool already uses every core, and nested thread
+    # pools only add contention.
+    cv2.setNumThreads(1)
+
+
+def _process(jobs: list[tuple[str, int, str, int]], workers: int) -> Iterator[tuple[bytes | None, str | None]]:
+    """Run :func:`_work` over ``jobs`` in order, in ``workers`` processes (1: in this process)."""
+    if workers <= 1 or len(jobs) < 4:
+        _init_worker()
+        yield from map(_work, jobs)
+        return
+    # spawn, not fork: the parent may already run TensorFlow threads, and forking a
+    # multi-threaded process can deadlock the child.
+    ctx = multiprocessing.get_context("spawn")
+    chunk = max(1, min(16, len(jobs) // (workers * 4)))
+    with ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_init_worker) as pool:
+        yield from pool.map(_work, jobs, chunksize=chunk)
+
+
+class Progress:
+    """A line every few seconds (and at the end) with count, rate and ETA."""
+
+    def __init__(self, total: int, what: str, every_s: float = 5.0) -> None:
+        self.total, self.what, self.every_s = total, what, every_s
+        self.start = self.last = time.monotonic()
+        self.done = 0
+
+    def step(self, n: int = 1) -> None:
+        self.done += n
+        now = time.monotonic()
+        if now - self.last >= self.every_s or self.done == self.total:
+            self.last = now
+            rate = self.done / max(now - self.start, 1e-9)
+            eta = (self.total - self.done) / rate if rate > 0 else float("inf")
+            logging.info("%s: %d/%d (%.1f/s, ETA %.0fs)", self.what, self.done, self.total, rate, eta)
+
+
+# --------------------------------------------------------------------------- splits
+
+
+def split_train_val(
+    rows: list[LabelRow], val_fraction: float, rdr_grade: int, group_pattern: str | None, seed: int
+) -> tuple[list[LabelRow], list[LabelRow]]:
+    """Carve a validation split from the training rows, stratified by label, grouping by pattern.
+
+    Groups (e.g. both eyes of one patient) are the unit that is split, so no group straddles
+    train and val; a group counts as referable if any of its images is, which keeps the RDR
+    share of both splits close to the whole set's.
+    """
+    from sklearn.model_selection import train_test_split
+
+    pattern = compile_group_pattern(group_pattern)
+    groups: dict[str, list[LabelRow]] = {}
+    for row in rows:
+        groups.setdefault(group_key(row.name, pattern), []).append(row)
+    keys = sorted(groups)
+    if len(keys) < 2:
+        raise InputError(
+            f"only {len(keys)} image group(s) in the training set: cannot carve a validation split"
+        )
+    y = [int(any(r.grade >= rdr_grade for r in groups[k])) for k in keys]
+    n_val = max(1, round(len(keys) * val_fraction))
+    n_val = min(n_val, len(keys) - 1)
+    counts = Counter(y)
+    stratify = y if len(counts) > 1 and min(counts.values()) >= 2 and n_val >= len(counts) else None
+    if stratify is None:
+        logging.warning("validation split is not stratified: too few images of one class")
+    train_keys, val_keys = train_test_split(keys, test_size=n_val, stratify=stratify, random_state=seed)
+    return ([r for k in sorted(train_keys) for r in groups[k]],
+            [r for k in sorted(val_keys) for r in groups[k]])
+
+
+# --------------------------------------------------------------------------- output
+
+
+def serialize_example(image: bytes, label: int, grade: int, name: str) -> bytes:
+    """One TFRecord example with the stable feature names of DESIGN.md."""
+    import tensorflow as tf
+
+    feature = {
+        "image": tf.train.Feature(bytes_list=tf.train.BytesList(value=[image])),
+        "label": tf.train.Feature(int64_list=tf.train.Int64List(value=[label])),
+        "grade": tf.train.Feature(int64_list=tf.train.Int64List(value=[grade])),
+        "name": tf.train.Feature(bytes_list=tf.train.BytesList(value=[name.encode("utf-8")])),
+    }
+    return tf.train.Example(features=tf.train.Features(feature=feature)).SerializeToString()
+
+
+def write_shards(
+    folder: Path, split: str, examples: list[tuple[bytes, int, int, str]], shard_size: int
+) -> list[str]:
+    """Write ``examples`` to ``split-XXXXX-of-YYYYY.tfrecord`` files; return their names."""
+    import tensorflow as tf
+
+    if not examples:
+        return []
+    n_shards = math.ceil(len(examples) / shard_size)
+    names = []
+    for s in range(n_shards):
+        name = f"{split}-{s:05d}-of-{n_shards:05d}.tfrecord"
+        with tf.io.TFRecordWriter(str(folder / name)) as writer:
+            for ex in examples[s * shard_size:(s + 1) * shard_size]:
+                writer.write(serialize_example(*ex))
+        names.append(name)
+    return names
+
+
+@dataclass
+class _Plan:
+    split: str
+    rows: list[tuple[LabelRow, Path]] = field(default_factory=list)
+
+
+def _plan(source: Source, opts: PrepareOptions) -> tuple[list[_Plan], list[Problem]]:
+    problems: list[Problem] = []
+    train_rows, p = read_labels(source.train_labels)
+    problems += p
+    train_images, p = list_images(source.train_images)
+    problems += p
+    train_pairs, p = match(train_rows, train_images, source.train_labels, source.train_images)
+    problems += p
+    if not train_pairs:
+        raise InputError(
+            f"{source.train_labels}: no row matches an image in {source.train_images}"
+        )
+    by_name = dict((row.name, (row, path)) for row, path in train_pairs)
+    tr, va = split_train_val([r for r, _ in train_pairs], opts.val_fraction, opts.rdr_grade,
+                             opts.group_pattern, opts.seed)
+    # Training examples are shuffled once on disk so that every shard mixes classes; the
+    # input pipeline shuffles again at read time.
+    rng = np.random.default_rng(opts.seed)
+    tr_pairs = [by_name[r.name] for r in tr]
+    tr_pairs = [tr_pairs[i] for i in rng.permutation(len(tr_pairs))]
+    plans = [_Plan("train", tr_pairs), _Plan("val", [by_name[r.name] for r in va])]
+    if source.test_images is not None and source.test_labels is not None:
+        test_rows, p = read_labels(source.test_labels)
+        problems += p
+        test_images, p = list_images(source.test_images)
+        problems += p
+        test_pairs, p = match(test_rows, test_images, source.test_labels, source.test_images)
+        problems += p
+        plans.append(_Plan("test", test_pairs))
+    else:
+        plans.append(_Plan("test", []))
+        logging.warning("no test images given: the test split is empty")
+    return plans, problems
+
+
+def _dir_bytes(folder: Path) -> int:
+    return sum(p.stat().st_size for p in folder.iterdir() if p.is_file())
+
+
+def _install(tmp: Path, out: Path, overwrite: bool) -> None:
+    """Move the finished ``tmp`` to ``out``; an old ``out`` is removed only after the swap."""
+    if out.exists():
+        if not overwrite:  # re-checked: another process may have created it meanwhile
+            raise InputError(f"{out}: output directory already exists (use --overwrite to replace it)")
+        old = out.with_name(f".{out.name}.old-{os.getpid()}")
+        os.replace(out, old)
+        os.replace(tmp, out)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, out)
+
+
+def prepare(source: Source, out: Path | str, opts: PrepareOptions = PrepareOptions()) -> dict[str, Any]:
+    """Build ``out`` (TFRecord shards + meta.json) from ``source``; return the meta dict.
+
+    With ``on_error='fail'`` every problem in the input is logged and an :class:`InputError`
+    is raised without writing anything; with ``'skip'`` bad items are left out and listed under
+    ``skipped`` in meta.json.
+    """
+    opts.validate()
+    out = Path(out)
+    if out.exists() and not opts.overwrite:
+        raise InputError(f"{out}: output directory already exists (use --overwrite to replace it)")
+    if out.exists() and not out.is_dir():
+        raise InputError(f"{out}: exists and is not a directory")
+    plans, problems = _plan(source, opts)
+
+    jobs = [(str(path), opts.size, opts.normalize, opts.jpeg_quality)
+            for plan in plans for _, path in plan.rows]
+    workers = opts.workers or os.cpu_count() or 1
+    logging.info("preparing %d images (%s) with %d worker(s) at %dx%d",
+                 len(jobs), source.description or source.train_images, workers, opts.size, opts.size)
+    progress = Progress(len(jobs), "prepare")
+    results = iter(_process(jobs, workers))
+    examples: dict[str, list[tuple[bytes, int, int, str]]] = {}
+    for plan in plans:
+        examples[plan.split] = []
+        for row, path in plan.rows:
+            data, reason = next(results)
+            progress.step()
+            if data is None:
+                problems.append(Problem(str(path), reason or "unreadable", row.name))
+                continue
+            examples[plan.split].append((data, int(row.grade >= opts.rdr_grade), row.grade, row.name))
+
+    if problems and opts.on_error == "fail":
+        for p in problems:
+            logging.error("bad input: %s", p)
+        raise InputError(
+            f"{len(problems)} problem(s) in the input, nothing written (first: {problems[0]}); "
+            "fix them or pass --on-error skip to leave those items out"
+        )
+    for p in problems:
+        logging.warning("skipped: %s", p)
+    if not examples["train"] or not examples["val"]:
+        raise InputError("no usable training or validation images left after skipping bad input")
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        splits: dict[str, Any] = {}
+        for split in SPLITS:
+            exs = examples.get(split, [])
+            files = write_shards(tmp, split, exs, opts.shard_size)
+            grades = Counter(g for _, _, g, _ in exs)
+            splits[split] = {
+                "n": len(exs),
+                "nrdr": sum(1 for _, lab, _, _ in exs if lab == 0),
+                "rdr": sum(1 for _, lab, _, _ in exs if lab == 1),
+                "grades": {str(g): grades.get(g, 0) for g in range(5)},
+                "files": files,
+                "names": [n for _, _, _, n in exs],
+            }
+        meta = {
+            "version": 1,
+            "splits": splits,
+            "size": opts.size,
+            "rdr_grade": opts.rdr_grade,
+            "normalize": opts.normalize,
+            "jpeg_quality": opts.jpeg_quality,
+            "val_fraction": opts.val_fraction,
+            "group_pattern": opts.group_pattern,
+            "seed": opts.seed,
+            "source": source.description or str(source.train_images),
+            "skipped": [{"name": p.name, "where": p.where, "reason": p.message} for p in problems],
+            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "drtune_version": __version__,
+            "bytes": 0,
+        }
+        meta["bytes"] = _dir_bytes(tmp)
+        (tmp / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
+        _install(tmp, out, opts.overwrite)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    for split in SPLITS:
+        s = meta["splits"][split]
+        logging.info("%-5s %4d images (NRDR %d, RDR %d) in %d shard(s)",
+                     split, s["n"], s["nrdr"], s["rdr"], len(s["files"]))
+    logging.info("wrote %s (%.1f MB)", out, meta["bytes"] / 1e6)
+    return meta
+
+
+def load_meta(data_dir: Path | str) -> dict[str, Any]:
+    """Read ``DATA/meta.json`` with clear errors for a missing or foreign directory."""
+    data_dir = Path(data_dir)
+    if not data_dir.is_dir():
+        raise InputError(f"{data_dir}: data directory not found (run 'drtune prepare' first)")
+    path = data_dir / "meta.json"
+    if not path.is_file():
+        raise InputError(f"{path}: missing; {data_dir} is not a 'drtune prepare' output")
+    try:
+        meta = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise InputError(f"{path}: not valid JSON ({exc})") from exc
+    if "splits" not in meta or "size" not in meta:
+        raise InputError(f"{path}: missing 'splits' or 'size'")
+    return meta

@@ -1,0 +1,35 @@
+"""Shared fixtures: a small synthetic IDRiD-layout set and its prepared TFRecords, made once."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def shared_dir(name: str) -> Path:
+    """A folder of ../shared beside the checkout (CI lays a copy there too)."""
+    return REPO.parent / "shared" / name
+
+
+@pytest.fixture(scope="session")
+def synth_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from drtune.synth import make_synthetic
+
+    root = tmp_path_factory.mktemp("synth") / "idrid"
+    make_synthetic(root, n_train=32, n_test=8, width=400, height=266, seed=1)
+    return root
+
+
+@pytest.fixture(scope="session")
+def prepared(synth_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from drtune.prepare import PrepareOptions, find_idrid, prepare
+
+    out = tmp_path_factory.mktemp("data") / "data"
+    prepare(find_idrid(synth_root), out, PrepareOptions(size=64, workers=1, seed=0))
+    return out
