@@ -47,6 +47,46 @@ def cmd_prepare(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_train(args: argparse.Namespace) -> int:
+    from drtune.config import load_config
+    from drtune.train import train_and_evaluate
+
+    cfg = load_config(args.config, args.set or ())
+    result = train_and_evaluate(cfg, args.data, args.out)
+    print(f"best validation balanced accuracy {result['val_balanced_accuracy']:.3f} "
+          f"(epoch {result['best_epoch']}); run in {args.out}")
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from drtune.evaluate import evaluate_run
+
+    result = evaluate_run(args.run, args.data, args.split, n_boot=args.n_boot)
+    lo, hi = result["ci95"]["balanced_accuracy"] or (float("nan"), float("nan"))
+    auc = "n/a" if result["auc"] is None else f"{result['auc']:.3f}"
+    print(f"{args.split}: balanced accuracy {result['balanced_accuracy']:.3f} (95% CI {lo:.3f}-{hi:.3f}), "
+          f"AUC {auc}, n={result['n']}; report in {Path(args.run) / ('eval-' + args.split)}")
+    return 0
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from drtune.evaluate import predict_files
+
+    rows = predict_files(args.run, args.images, args.out)
+    if args.out is None:
+        print("name,p_rdr,decision,threshold,error")
+        for r in rows:
+            print(f"{r['name']},{r['p_rdr']},{r['decision']},{r['threshold']:.4f},{r['error']}")
+    return 1 if all(r["error"] for r in rows) else 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from drtune.demo import run_demo
+
+    run_demo(args.workdir, args.config)
+    return 0
+
+
 # --------------------------------------------------------------------------- parser
 
 
@@ -94,6 +134,48 @@ def _add_prepare(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(handler=cmd_prepare)
 
 
+def _add_train(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("train", help="train one model on prepared data",
+                       description="Train the ResNetV2 on a prepared data directory. Resumes when OUT "
+                                   "holds an unfinished run with the same config.")
+    p.add_argument("--data", type=Path, help="prepared data directory (default: data.dir of the config)")
+    p.add_argument("--out", type=Path, required=True, help="run directory")
+    p.add_argument("--config", type=Path, help="study/config TOML (default: built-in defaults)")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE",
+                   help="override a config value, e.g. --set train.lr=1e-4 (repeatable)")
+    p.set_defaults(handler=cmd_train)
+
+
+def _add_evaluate(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("evaluate", help="evaluate a run on a split",
+                       description="Metrics with bootstrap 95%% CIs, confusion matrix and ROC of RUN on a "
+                                   "split, at the threshold frozen on validation; writes RUN/eval-SPLIT/.")
+    p.add_argument("run", type=Path, help="run directory")
+    p.add_argument("--data", type=Path, help="data directory (default: the one the run trained on)")
+    p.add_argument("--split", default="test", choices=("train", "val", "test"), help="default: test")
+    p.add_argument("--n-boot", type=int, default=1000, help="bootstrap resamples (default 1000)")
+    p.set_defaults(handler=cmd_evaluate)
+
+
+def _add_predict(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("predict", help="P(RDR) for raw photographs",
+                       description="Preprocess raw fundus photographs as 'prepare' does and predict "
+                                   "P(RDR) and the decision at the run's threshold.")
+    p.add_argument("run", type=Path, help="run directory")
+    p.add_argument("images", type=Path, nargs="+", help="photographs (JPEG/PNG)")
+    p.add_argument("--out", type=Path, help="CSV file (default: print to stdout)")
+    p.set_defaults(handler=cmd_predict)
+
+
+def _add_demo(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("demo", help="run the whole pipeline on synthetic data",
+                       description="synth -> prepare -> train (studies/demo.toml) -> evaluate, in a "
+                                   "few minutes on a CPU. Re-running reuses finished steps.")
+    p.add_argument("--workdir", type=Path, default=Path("demo-work"), help="default: demo-work")
+    p.add_argument("--config", type=Path, help="study file (default: studies/demo.toml)")
+    p.set_defaults(handler=cmd_demo)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``drtune`` parser with one subparser per command."""
     parser = argparse.ArgumentParser(
@@ -104,7 +186,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-q", "--quiet", action="store_true", help="warnings and errors only")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
-    for add in (_add_synth, _add_prepare):
+    for add in (_add_synth, _add_prepare, _add_train, _add_evaluate, _add_predict, _add_demo):
         add(sub)
     return parser
 
@@ -112,6 +194,12 @@ def build_parser() -> argparse.ArgumentParser:
 def setup_logging(verbose: bool = False, quiet: bool = False) -> None:
     """absl logging to stderr with a short, human-readable format."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TF's C++ start-up chatter
+    from absl import flags
+
+    # absl warns "Logging before flag parsing" unless its flags count as parsed; drtune uses
+    # argparse, so there are no absl flags to parse.
+    if not flags.FLAGS.is_parsed():
+        flags.FLAGS.mark_as_parsed()
     logging.use_absl_handler()
     handler = logging.get_absl_handler()
     handler.setFormatter(std_logging.Formatter("%(asctime)s %(levelname).1s %(message)s", "%H:%M:%S"))

@@ -14,6 +14,7 @@ import math
 import multiprocessing
 import os
 import shutil
+import sys
 import tempfile
 import time
 from collections import Counter
@@ -258,9 +259,10 @@ def _process(jobs: list[tuple[str, int, str, int]], workers: int) -> Iterator[tu
         _init_worker()
         yield from map(_work, jobs)
         return
-    # spawn, not fork: the parent may already run TensorFlow threads, and forking a
-    # multi-threaded process can deadlock the child.
-    ctx = multiprocessing.get_context("spawn")
+    # fork is cheap and works from scripts without a __main__ guard, but forking a process
+    # that already runs TensorFlow's thread pools can deadlock the child: spawn then.
+    use_fork = "tensorflow" not in sys.modules and "fork" in multiprocessing.get_all_start_methods()
+    ctx = multiprocessing.get_context("fork" if use_fork else "spawn")
     chunk = max(1, min(16, len(jobs) // (workers * 4)))
     with ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_init_worker) as pool:
         yield from pool.map(_work, jobs, chunksize=chunk)

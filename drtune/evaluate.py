@@ -1,0 +1,155 @@
+"""Evaluate a run on a split, and predict on raw photographs, with the run's frozen threshold.
+
+``evaluate`` writes ``RUN/eval-<split>/`` (metrics.json with bootstrap CIs, confusion_matrix.png,
+roc.png, predictions.csv); ``predict`` applies exactly the ``prepare`` preprocessing to raw
+photographs and writes one CSV row per image, an error row for any it cannot read.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+from absl import logging
+
+from drtune import metrics
+from drtune.errors import InputError
+
+CLASS_NAMES = ("NRDR", "RDR")
+
+
+def load_run(run_dir: Path | str) -> tuple[Any, dict[str, Any], dict[str, Any]]:
+    """(model, data.json, metrics.json) of a finished run, with clear errors for anything missing."""
+    import keras
+
+    run = Path(run_dir)
+    if not run.is_dir():
+        raise InputError(f"{run}: run directory not found")
+    model_path = run / "model.keras"
+    if not model_path.is_file():
+        raise InputError(f"{run}: no model.keras (is the run finished? run 'drtune train' first)")
+    for name in ("data.json", "metrics.json"):
+        if not (run / name).is_file():
+            raise InputError(f"{run}: missing {name}; the run did not finish")
+    model = keras.models.load_model(model_path)
+    return model, json.loads((run / "data.json").read_text()), json.loads((run / "metrics.json").read_text())
+
+
+def evaluate_run(run_dir: Path | str, data_dir: Path | str | None = None, split: str = "test",
+                 n_boot: int = 1000, batch_size: int = 32) -> dict[str, Any]:
+    """Metrics of a run on ``split`` at its frozen threshold; writes ``RUN/eval-<split>/``."""
+    from drtune import data
+    from drtune.prepare import load_meta
+    from drtune.train import write_json
+
+    if split not in ("train", "val", "test"):
+        raise InputError(f"--split {split!r}: must be train, val or test")
+    run = Path(run_dir)
+    model, info, run_metrics = load_run(run)
+    data_dir = Path(data_dir or info["data_dir"])
+    meta = load_meta(data_dir)
+    if int(meta["size"]) != int(info["size"]):
+        raise InputError(f"{data_dir}: images are {meta['size']} px but {run} was trained on {info['size']} px")
+    if meta["splits"].get(split, {}).get("n", 0) == 0:
+        raise InputError(f"{data_dir}: split {split!r} is empty; nothing to evaluate")
+    image_size = info["input_size"] if info["input_size"] != info["size"] else None
+    ds = data.eval_dataset(data_dir, split, batch_size, image_size=image_size, meta=meta)
+    y = data.split_labels(data_dir, split, meta)
+    names = data.split_names(data_dir, split, meta)
+    p_rdr = model.predict(ds, verbose=0)[:, 1]
+    threshold = float(run_metrics["threshold"])
+    result = metrics.report(y, p_rdr, threshold, n_boot=n_boot)
+    result.update(split=split, data_dir=str(data_dir), run=str(run))
+
+    out = run / f"eval-{split}"
+    out.mkdir(exist_ok=True)
+    title = f"{run.name}: {split} (n={len(y)}, threshold {threshold:.3f})"
+    metrics.plot_confusion_matrix(result["confusion_matrix"], out / "confusion_matrix.png", title)
+    metrics.plot_roc(y, p_rdr, out / "roc.png", threshold=threshold, title=title)
+    _write_csv(out / "predictions.csv", ["name", "label", "p_rdr", "decision"],
+               [[n, int(t), f"{p:.6f}", CLASS_NAMES[int(p >= threshold)]] for n, t, p in zip(names, y, p_rdr)])
+    write_json(out / "metrics.json", result)
+    ci = result["ci95"]
+    logging.info("%s %s: balanced accuracy %.3f (95%% CI %s), AUC %s, sensitivity %s, specificity %s",
+                 run, split, result["balanced_accuracy"], _fmt_ci(ci.get("balanced_accuracy")),
+                 _fmt(result["auc"]), _fmt(result["sensitivity"]), _fmt(result["specificity"]))
+    logging.info("wrote %s", out)
+    return result
+
+
+def _fmt(v: float | None) -> str:
+    return "n/a" if v is None else f"{v:.3f}"
+
+
+def _fmt_ci(ci: Sequence[float] | None) -> str:
+    return "n/a" if not ci else f"{ci[0]:.3f}-{ci[1]:.3f}"
+
+
+def _write_csv(path: Path, header: list[str], rows: list[list[Any]]) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    with tmp.open("w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(header)
+        writer.writerows(rows)
+    os.replace(tmp, path)
+
+
+def model_inputs(paths: Sequence[Path | str], info: dict[str, Any]) -> tuple[np.ndarray, list[str | None]]:
+    """Raw photographs -> model input batch exactly as training saw them, plus per-image errors.
+
+    Preprocess as ``prepare`` did, round-trip through JPEG at the data set's quality and decode
+    and resize with TensorFlow like the input pipeline, so predictions on a photo match the
+    prediction on its prepared record. Unreadable images get a zero image and an error string.
+    """
+    import tensorflow as tf
+
+    from drtune.prepare import ImageError, encode_jpeg, preprocess_file
+
+    size, input_size = int(info["size"]), int(info["input_size"])
+    batch = np.zeros((len(paths), input_size, input_size, 3), np.float32)
+    errors: list[str | None] = []
+    for i, path in enumerate(paths):
+        try:
+            crop = preprocess_file(path, size, info.get("normalize", "none"))
+        except ImageError as exc:
+            errors.append(str(exc))
+            continue
+        img = tf.io.decode_jpeg(encode_jpeg(crop, int(info.get("jpeg_quality", 95))), channels=3)
+        img = tf.cast(img, tf.float32)
+        if input_size != size:
+            img = tf.image.resize(img, (input_size, input_size))
+        batch[i] = img.numpy()
+        errors.append(None)
+    return batch, errors
+
+
+def predict_files(run_dir: Path | str, images: Sequence[Path | str],
+                  out_csv: Path | str | None = None) -> list[dict[str, Any]]:
+    """P(RDR) and decision for each raw photograph; writes ``out_csv`` when given."""
+    if not images:
+        raise InputError("no images given")
+    model, info, run_metrics = load_run(run_dir)
+    threshold = float(run_metrics["threshold"])
+    batch, errors = model_inputs(images, info)
+    ok = [i for i, e in enumerate(errors) if e is None]
+    probs = model.predict(batch[ok], verbose=0)[:, 1] if ok else np.zeros(0)
+    p_of = dict(zip(ok, probs))
+    rows = []
+    for i, path in enumerate(images):
+        if errors[i] is not None:
+            logging.warning("%s: %s", path, errors[i])
+            rows.append({"name": Path(path).stem, "file": str(path), "p_rdr": "", "decision": "",
+                         "threshold": threshold, "error": errors[i]})
+        else:
+            p = float(p_of[i])
+            rows.append({"name": Path(path).stem, "file": str(path), "p_rdr": round(p, 6),
+                         "decision": CLASS_NAMES[int(p >= threshold)], "threshold": threshold, "error": ""})
+    if out_csv is not None:
+        header = ["name", "file", "p_rdr", "decision", "threshold", "error"]
+        _write_csv(Path(out_csv), header, [[r[h] for h in header] for r in rows])
+        logging.info("wrote %d prediction(s) to %s", len(rows), out_csv)
+    return rows

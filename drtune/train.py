@@ -1,0 +1,301 @@
+"""One training run: ``train_and_evaluate(cfg, data_dir, workdir, callbacks) -> metrics``.
+
+The run directory is the unit of work (flax style): it holds the resolved config, the
+best-by-validation model, periodic checkpoints, the history and TensorBoard logs, and a run
+killed at any point resumes from it when started again with the same config. This module never
+imports Optuna: the search passes its pruning callback in through ``callbacks``.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+import keras
+import numpy as np
+import tensorflow as tf
+from absl import logging
+
+from drtune import config as config_lib
+from drtune import data, metrics
+from drtune.config import Config
+from drtune.errors import DrtuneError, InputError
+from drtune.model import build_model, compile_model
+from drtune.prepare import load_meta
+
+MONITOR = "val_balanced_accuracy"  # what checkpoints, early stopping and pruning follow
+LAST = "last.keras"  # the resume point, rewritten every epoch
+
+
+class TrainingDiverged(DrtuneError):
+    """The loss became NaN or infinite."""
+
+
+def write_json(path: Path, obj: Any) -> None:
+    """Write JSON atomically (temporary file + rename) so readers never see half a file."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(obj, indent=2, default=float) + "\n")
+    os.replace(tmp, path)
+
+
+class ValidationMetrics(keras.callbacks.Callback):
+    """Adds ``val_loss``, ``val_balanced_accuracy`` and ``val_auc`` to the epoch logs.
+
+    Balanced accuracy and AUC are not Keras metrics over a whole split, so they are computed here
+    with scikit-learn from one prediction pass over the validation set. It must come first in the
+    callback list: later callbacks (checkpoints, CSV, TensorBoard, pruning) read these keys.
+    """
+
+    def __init__(self, val_ds: tf.data.Dataset, y_val: np.ndarray, tb_dir: Path | None = None) -> None:
+        super().__init__()
+        self.val_ds, self.y_val = val_ds, y_val
+        self.writer = tf.summary.create_file_writer(str(tb_dir)) if tb_dir else None
+
+    def on_epoch_end(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
+        logs = logs if logs is not None else {}
+        probs = self.model.predict(self.val_ds, verbose=0)
+        p_rdr = probs[:, 1]
+        if not np.all(np.isfinite(p_rdr)):
+            # Diverged weights predict NaN: stop here; train_and_evaluate reports it clearly.
+            logs.update({"val_loss": math.nan, MONITOR: math.nan, "val_auc": math.nan})
+            self.model.stop_training = True
+            return
+        picked = np.clip(probs[np.arange(len(self.y_val)), self.y_val], 1e-7, 1.0)
+        m = metrics.binary_metrics(self.y_val, p_rdr, 0.5)
+        logs["val_loss"] = float(-np.mean(np.log(picked)))
+        logs[MONITOR] = float(m["balanced_accuracy"])
+        logs["val_auc"] = float("nan") if m["auc"] is None else float(m["auc"])
+        if self.writer is not None:
+            image = metrics.confusion_matrix_image(m["confusion_matrix"], f"validation, epoch {epoch + 1}")
+            with self.writer.as_default():
+                tf.summary.image("confusion_matrix", image[None], step=epoch)
+            self.writer.flush()
+
+
+class EpochLog(keras.callbacks.Callback):
+    """One absl log line per epoch, and the seconds each epoch took."""
+
+    def __init__(self, epochs: int) -> None:
+        super().__init__()
+        self.epochs, self.seconds, self._t0 = epochs, [], 0.0
+
+    def on_epoch_begin(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
+        self._t0 = time.monotonic()
+
+    def on_epoch_end(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
+        logs = logs or {}
+        self.seconds.append(time.monotonic() - self._t0)
+        logging.info("epoch %d/%d  loss %.4f  acc %.3f  val_loss %.4f  val_bacc %.3f  val_auc %.3f  (%.1fs)",
+                     epoch + 1, self.epochs, logs.get("loss", math.nan), logs.get("accuracy", math.nan),
+                     logs.get("val_loss", math.nan), logs.get(MONITOR, math.nan),
+                     logs.get("val_auc", math.nan), self.seconds[-1])
+
+
+class Checkpoints(keras.callbacks.Callback):
+    """``checkpoints/epoch-NNNN.keras`` every ``every`` epochs, and ``last.keras`` + state each epoch.
+
+    ``last.keras`` holds the optimizer state, so a killed run restarts exactly where its last
+    finished epoch left it (what ``BackupAndRestore`` does, but with the epoch number in a file we
+    can read to trim ``history.csv`` before appending to it).
+    """
+
+    def __init__(self, workdir: Path, every: int) -> None:
+        super().__init__()
+        self.workdir, self.every = workdir, every
+
+    def on_epoch_end(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
+        ckpt = self.workdir / "checkpoints"
+        if (epoch + 1) % self.every == 0:
+            self.model.save(ckpt / f"epoch-{epoch + 1:04d}.keras")
+        tmp = ckpt / f".{LAST}.tmp.keras"
+        self.model.save(tmp)
+        os.replace(tmp, ckpt / LAST)
+        write_json(ckpt / "state.json", {"epochs_done": epoch + 1})
+
+
+def _read_history(path: Path) -> list[dict[str, str]]:
+    if not path.is_file():
+        return []
+    with path.open(newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def _trim_history(path: Path, epochs_done: int) -> list[dict[str, str]]:
+    """Keep only rows of finished epochs (a kill can land between the checkpoint and the CSV)."""
+    rows = [r for r in _read_history(path) if int(r["epoch"]) < epochs_done]
+    if path.is_file():
+        with path.open("w", newline="") as f:
+            if rows:
+                writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+                writer.writeheader()
+                writer.writerows(rows)
+    return rows
+
+
+def _best(rows: list[dict[str, str]]) -> tuple[int, float]:
+    """(epoch index, value) of the best validation balanced accuracy in history rows."""
+    values = [float(r.get(MONITOR, "nan") or "nan") for r in rows]
+    if not values or all(math.isnan(v) for v in values):
+        return -1, -math.inf
+    i = int(np.nanargmax(values))
+    return int(rows[i]["epoch"]), values[i]
+
+
+def _check_workdir(cfg_dict: dict[str, Any], workdir: Path) -> None:
+    path = workdir / "config.json"
+    if not path.is_file():
+        return
+    old = json.loads(path.read_text())
+    if old != cfg_dict:
+        flat_old, flat_new = _flatten(old), _flatten(cfg_dict)
+        diff = sorted(k for k in flat_old.keys() | flat_new.keys() if flat_old.get(k) != flat_new.get(k))
+        raise InputError(f"{workdir}: holds a run with a different config ({', '.join(diff)}); "
+                         "use another output directory or the same settings to resume")
+
+
+def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def _finite(value: float) -> float | None:
+    """JSON has no NaN: undefined values (AUC of a one-class split) are stored as null."""
+    return value if math.isfinite(value) else None
+
+
+def resolve_data_dir(cfg: Config, data_dir: Path | str | None) -> Path:
+    """The data directory from the argument or the config's ``data.dir``."""
+    chosen = data_dir or cfg.data.dir
+    if not chosen:
+        raise InputError("no data directory: pass --data DATA or set data.dir in the config")
+    return Path(chosen)
+
+
+def train_and_evaluate(
+    cfg: Config,
+    data_dir: Path | str | None,
+    workdir: Path | str,
+    callbacks: Sequence[keras.callbacks.Callback] = (),
+    init_model: Path | str | None = None,
+) -> dict[str, Any]:
+    """Train one model, resuming from ``workdir`` if it holds an unfinished run; return metrics.
+
+    ``init_model`` warm-starts from a saved model (fine-tuning) instead of random weights. The
+    decision threshold is chosen on the validation split and frozen into ``metrics.json``.
+    """
+    data_dir = resolve_data_dir(cfg, data_dir).resolve()
+    meta = load_meta(data_dir)
+    cfg = config_lib.replace(cfg, **{"data.dir": str(data_dir)})
+    workdir = Path(workdir)
+    cfg_dict = config_lib.to_dict(cfg)
+    if (workdir / "metrics.json").is_file():
+        _check_workdir(cfg_dict, workdir)
+        logging.info("%s: run already complete; delete it to train again", workdir)
+        return json.loads((workdir / "metrics.json").read_text())
+    workdir.mkdir(parents=True, exist_ok=True)
+    _check_workdir(cfg_dict, workdir)
+    write_json(workdir / "config.json", cfg_dict)
+    input_size = cfg.data.image_size or int(meta["size"])
+    write_json(workdir / "data.json", {
+        "data_dir": str(data_dir), "size": int(meta["size"]), "input_size": input_size,
+        "normalize": meta.get("normalize", "none"), "jpeg_quality": meta.get("jpeg_quality", 95),
+        "rdr_grade": meta.get("rdr_grade", 2)})
+    (workdir / "checkpoints").mkdir(exist_ok=True)
+
+    keras.utils.set_random_seed(cfg.train.seed)
+    image_size = cfg.data.image_size or None
+    train_ds, steps = data.train_dataset(data_dir, cfg.train.batch_size, cfg.data.augment, cfg.train.seed,
+                                         balance=cfg.data.balance, cache=cfg.data.cache,
+                                         image_size=image_size, meta=meta)
+    steps = cfg.train.steps_per_epoch or steps
+    val_ds = data.eval_dataset(data_dir, "val", cfg.train.eval_batch_size, cache=cfg.data.cache,
+                               image_size=image_size, meta=meta)
+    y_val = data.split_labels(data_dir, "val", meta)
+
+    state_path = workdir / "checkpoints" / "state.json"
+    epochs_done = json.loads(state_path.read_text())["epochs_done"] if state_path.is_file() else 0
+    history = _trim_history(workdir / "history.csv", epochs_done)
+    if epochs_done:
+        logging.info("%s: resuming after epoch %d", workdir, epochs_done)
+        model = keras.models.load_model(workdir / "checkpoints" / LAST)
+    else:
+        if init_model is not None:
+            model = keras.models.load_model(init_model)
+            logging.info("warm start from %s", init_model)
+        else:
+            model = build_model(cfg.model, input_size)
+        compile_model(model, cfg.train.lr)
+    _, best_value = _best(history)
+
+    epoch_log = EpochLog(cfg.train.epochs)
+    cbs: list[keras.callbacks.Callback] = [
+        ValidationMetrics(val_ds, y_val, workdir / "tensorboard" / "validation"),
+        keras.callbacks.TerminateOnNaN(),
+        keras.callbacks.ModelCheckpoint(workdir / "model.keras", monitor=MONITOR, mode="max",
+                                        save_best_only=True,
+                                        initial_value_threshold=best_value if history else None),
+        Checkpoints(workdir, cfg.train.checkpoint_every),
+        keras.callbacks.CSVLogger(str(workdir / "history.csv"), append=bool(history)),
+        keras.callbacks.TensorBoard(str(workdir / "tensorboard"), write_graph=False, profile_batch=0),
+        epoch_log,
+    ]
+    if cfg.train.patience:
+        cbs.append(keras.callbacks.EarlyStopping(monitor=MONITOR, mode="max", patience=cfg.train.patience))
+    cbs.extend(callbacks)
+
+    t0 = time.monotonic()
+    logging.info("training %s: %d epochs x %d steps, batch %d, lr %g, %d parameters",
+                 workdir, cfg.train.epochs, steps, cfg.train.batch_size, cfg.train.lr, model.count_params())
+    if epochs_done < cfg.train.epochs:
+        model.fit(train_ds, epochs=cfg.train.epochs, initial_epoch=epochs_done, steps_per_epoch=steps,
+                  callbacks=cbs, verbose=0, shuffle=False)
+    seconds = time.monotonic() - t0
+    history = _read_history(workdir / "history.csv")
+    losses = [float(r["loss"]) for r in history]
+    if not history or not all(math.isfinite(v) for v in losses):
+        raise TrainingDiverged(
+            f"{workdir}: training diverged (loss {losses[-1] if losses else 'nan'} at epoch {len(history)}) "
+            f"with train.lr={cfg.train.lr:g}; try a smaller learning rate")
+    return _finish(cfg, workdir, data_dir, meta, val_ds, y_val, history, seconds, epoch_log.seconds)
+
+
+def _finish(cfg: Config, workdir: Path, data_dir: Path, meta: dict[str, Any], val_ds: tf.data.Dataset,
+            y_val: np.ndarray, history: list[dict[str, str]], seconds: float,
+            epoch_seconds: list[float]) -> dict[str, Any]:
+    """Freeze the threshold on validation, write metrics.json and the learning-curve plot."""
+    best_model = keras.models.load_model(workdir / "model.keras")
+    p_val = best_model.predict(val_ds, verbose=0)[:, 1]
+    threshold = metrics.choose_threshold(y_val, p_val, cfg.train.threshold)
+    best_epoch, best_value = _best(history)
+    aucs = [float(r.get("val_auc") or "nan") for r in history]
+    result = {
+        "val_balanced_accuracy": best_value,  # per-epoch value at threshold 0.5 (what pruning saw)
+        "val_auc": _finite(aucs[best_epoch]) if 0 <= best_epoch < len(aucs) else None,
+        "best_epoch": best_epoch + 1,
+        "epochs_run": len(history),
+        "threshold": threshold,
+        "val": metrics.binary_metrics(y_val, p_val, threshold),
+        "seconds": seconds,
+        "seconds_per_epoch": float(np.mean(epoch_seconds)) if epoch_seconds else None,
+        "params": best_model.count_params(),
+        "data_dir": str(data_dir),
+        "n_train": meta["splits"]["train"]["n"],
+    }
+    try:
+        metrics.plot_history(workdir / "history.csv", workdir / "history.png")
+    except ValueError as exc:  # pragma: no cover - history exists at this point
+        logging.warning("no learning-curve plot: %s", exc)
+    write_json(workdir / "metrics.json", result)
+    logging.info("done in %.0fs: best val balanced accuracy %.3f at epoch %d; threshold %.3f",
+                 seconds, best_value, best_epoch + 1, threshold)
+    return result

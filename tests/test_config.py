@@ -1,0 +1,76 @@
+"""Configuration: TOML loading, dotted overrides and load-time validation."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from drtune.config import Config, load_config, parse_override, replace, to_dict, from_dict
+from drtune.errors import InputError
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "study.toml"
+    path.write_text(text)
+    return path
+
+
+def test_defaults_and_file_and_overrides(tmp_path: Path) -> None:
+    assert load_config() == Config()
+    path = write(tmp_path, '[train]\nlr = 1e-2\nbatch_size = 2\n[model]\ndropout = 0.25\n')
+    cfg = load_config(path, ["train.lr=1e-4", "data.augment=strong", "train.epochs=3"],
+                      extra={"data.dir": "DATA"})
+    assert cfg.train.lr == 1e-4 and cfg.train.batch_size == 2 and cfg.train.epochs == 3
+    assert cfg.model.dropout == 0.25 and cfg.data.augment == "strong" and cfg.data.dir == "DATA"
+    assert from_dict(to_dict(cfg)) == cfg  # config.json round trip
+    assert replace(cfg, **{"train.lr": 1e-5}).train.lr == 1e-5
+
+
+def test_int_accepted_for_float(tmp_path: Path) -> None:
+    cfg = load_config(write(tmp_path, "[train]\nlr = 1\n"))
+    assert isinstance(cfg.train.lr, float)
+
+
+@pytest.mark.parametrize("text,needle", [
+    ("[train]\nlrr = 0.1\n", "unknown key 'train.lrr'"),
+    ("[trian]\nlr = 0.1\n", "unknown key 'trian'"),
+    ("[train]\nlr = 'fast'\n", "train.lr: expected float, got str"),
+    ("[train]\nbatch_size = 2.5\n", "train.batch_size: expected int"),
+    ("[train]\nlr = -1\n", "train.lr = -1.0: must be > 0"),
+    ("[train]\nlr = 0\n", "train.lr = 0.0: must be > 0"),
+    ("[train]\nbatch_size = 0\n", "train.batch_size = 0: must be >= 1"),
+    ("[train]\nepochs = 0\n", "train.epochs = 0: must be >= 1"),
+    ("[data]\naugment = 'extreme'\n", "data.augment = 'extreme': must be one of none, base, strong"),
+    ("[model]\ndropout = 1.0\n", "model.dropout"),
+    ("train = 3\n", "expected a [train] section"),
+    ("[train\nlr = 1\n", "invalid TOML"),
+])
+def test_bad_config_names_key_and_file(tmp_path: Path, text: str, needle: str) -> None:
+    path = write(tmp_path, text)
+    with pytest.raises(InputError) as err:
+        load_config(path)
+    assert needle in str(err.value)
+    assert str(path) in str(err.value)
+
+
+def test_bad_overrides() -> None:
+    with pytest.raises(InputError, match="train.lr = -0.1: must be > 0"):
+        load_config(None, ["train.lr=-0.1"])
+    with pytest.raises(InputError, match="expected section.key=value"):
+        parse_override("train.lr")
+    with pytest.raises(InputError, match="unknown key 'train.nope'"):
+        load_config(None, ["train.nope=1"])
+    with pytest.raises(InputError, match="config file not found"):
+        load_config(Path("no/such/file.toml"))
+
+
+def test_shipped_studies_load() -> None:
+    studies = sorted((REPO / "studies").glob("*.toml"))
+    assert studies, "studies/ holds at least the demo study"
+    for path in studies:
+        first = path.read_text().splitlines()[0]
+        assert first.startswith("#") and "drtune" in first, f"{path}: header names its command"
+        load_config(path)

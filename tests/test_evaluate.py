@@ -1,0 +1,102 @@
+"""`drtune evaluate` and `drtune predict` on a tiny trained run."""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import shared_dir
+from drtune.cli import main
+from drtune.config import load_config
+from drtune.errors import InputError
+from drtune.evaluate import evaluate_run, predict_files
+from drtune.synth import TEST_IMAGES
+from drtune.train import train_and_evaluate
+
+SAMPLES = shared_dir("fundus-samples")
+
+
+@pytest.fixture(scope="module")
+def run(prepared: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("runs") / "run"
+    cfg = load_config(None, ["model.width=4", "data.image_size=48", "train.batch_size=4",
+                             "train.steps_per_epoch=4", "train.epochs=2"])
+    train_and_evaluate(cfg, prepared, out)
+    return out
+
+
+def test_evaluate_writes_report(run: Path, prepared: Path, capsys) -> None:
+    assert main(["evaluate", str(run), "--split", "test", "--n-boot", "200"]) == 0
+    assert "test: balanced accuracy" in capsys.readouterr().out
+    out = run / "eval-test"
+    m = json.loads((out / "metrics.json").read_text())
+    for key in ("balanced_accuracy", "accuracy", "auc", "sensitivity", "specificity", "threshold",
+                "confusion_matrix", "n", "ci95"):
+        assert key in m, key
+    meta = json.loads((prepared / "meta.json").read_text())["splits"]["test"]
+    assert m["n"] == meta["n"] == int(np.sum(m["confusion_matrix"]))
+    assert np.sum(m["confusion_matrix"], axis=1).tolist() == [meta["nrdr"], meta["rdr"]]
+    assert m["threshold"] == json.loads((run / "metrics.json").read_text())["threshold"]
+    lo, hi = m["ci95"]["balanced_accuracy"]
+    assert lo <= m["balanced_accuracy"] <= hi
+    for png in ("confusion_matrix.png", "roc.png"):
+        assert (out / png).stat().st_size > 5000
+    with (out / "predictions.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    assert sorted(r["name"] for r in rows) == sorted(meta["names"])
+    decisions = [r["decision"] == "RDR" for r in rows]
+    assert decisions == [float(r["p_rdr"]) >= m["threshold"] for r in rows]
+
+
+def test_predict_matches_prepared_records(run: Path, synth_root: Path, tmp_path: Path) -> None:
+    """Raw photo -> predict gives the same P(RDR) as the prepared record of that photo."""
+    photos = sorted((synth_root / TEST_IMAGES).glob("*.jpg"))[:4]
+    rows = predict_files(run, photos, tmp_path / "pred.csv")
+    evaluate_run(run, split="test", n_boot=10)
+    with (run / "eval-test" / "predictions.csv").open() as f:
+        by_name = {r["name"]: float(r["p_rdr"]) for r in csv.DictReader(f)}
+    for r in rows:
+        assert r["error"] == ""
+        assert r["p_rdr"] == pytest.approx(by_name[r["name"]], abs=1e-4)
+    with (tmp_path / "pred.csv").open() as f:
+        written = list(csv.DictReader(f))
+    assert [w["name"] for w in written] == [p.stem for p in photos]
+    assert set(written[0]) == {"name", "file", "p_rdr", "decision", "threshold", "error"}
+
+
+def test_predict_real_photos_and_unreadable_file(run: Path, tmp_path: Path) -> None:
+    if not SAMPLES.is_dir():
+        pytest.skip(f"{SAMPLES} absent")
+    bad = tmp_path / "broken.jpg"
+    bad.write_text("not a photograph")
+    photos = sorted((SAMPLES / "images").glob("*.jpg"))
+    out = tmp_path / "pred.csv"
+    assert main(["predict", str(run), *map(str, photos), str(bad), "--out", str(out)]) == 0
+    with out.open() as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == len(photos) + 1
+    assert rows[-1]["name"] == "broken" and "not an image" in rows[-1]["error"]
+    for r in rows[:-1]:
+        assert r["error"] == "" and 0.0 <= float(r["p_rdr"]) <= 1.0 and r["decision"] in ("NRDR", "RDR")
+
+
+def test_bad_runs_and_splits(run: Path, prepared: Path, tmp_path: Path, capsys) -> None:
+    empty = tmp_path / "empty-run"
+    empty.mkdir()
+    assert main(["evaluate", str(empty)]) == 2
+    assert "no model.keras" in capsys.readouterr().err
+    assert main(["predict", str(tmp_path / "nope"), "x.jpg"]) == 2
+    assert "run directory not found" in capsys.readouterr().err
+    # A data set without a test split cannot be evaluated on it.
+    no_test = tmp_path / "data"
+    shutil.copytree(prepared, no_test)
+    meta = json.loads((no_test / "meta.json").read_text())
+    meta["splits"]["test"] = {"n": 0, "nrdr": 0, "rdr": 0, "files": [], "names": []}
+    (no_test / "meta.json").write_text(json.dumps(meta))
+    with pytest.raises(InputError, match="split 'test' is empty"):
+        evaluate_run(run, no_test, "test")

@@ -1,0 +1,37 @@
+"""The ResNetV2 builder: pinned default architecture and its parameters."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from drtune.config import ModelConfig
+from drtune.model import FEATURE_LAYER, build_model
+
+
+def test_default_architecture_is_pinned() -> None:
+    model = build_model(ModelConfig(), input_size=256)
+    shapes = {layer.name: tuple(layer.output.shape[1:]) for layer in model.layers}
+    assert shapes["stem_conv"] == (128, 128, 16)  # 7x7 stride 2
+    assert shapes["stem_pool"] == (64, 64, 16)  # 3x3 stride 2
+    assert shapes["stage1_block1_add"] == (32, 32, 16)
+    assert shapes["stage2_block1_add"] == (16, 16, 32)
+    assert shapes["stage3_block1_add"] == (8, 8, 64)
+    assert shapes[FEATURE_LAYER] == (8, 8, 64)
+    assert shapes["pool"] == (64,)
+    assert shapes["probs"] == (2,)
+    assert model.get_layer("stem_conv").kernel.shape == (7, 7, 3, 16)
+    assert model.get_layer("stage2_block1_conv1").kernel.shape == (3, 3, 16, 32)
+    assert model.get_layer("stage2_block1_shortcut").kernel.shape == (1, 1, 16, 32)
+    assert model.count_params() == 79_794
+    assert sum(int(np.prod(w.shape)) for w in model.trainable_weights) == 79_410
+
+
+def test_parametrised_variants() -> None:
+    wide = build_model(ModelConfig(width=8, blocks_per_stage=2, dropout=0.3, l2=1e-4), input_size=64)
+    names = [layer.name for layer in wide.layers]
+    assert "stage3_block2_add" in names and "dropout" in names
+    assert wide.get_layer(FEATURE_LAYER).output.shape[1:] == (2, 2, 32)
+    assert len(wide.losses) > 0  # L2 penalties are registered
+    probs = wide.predict(np.full((3, 64, 64, 3), 128.0, np.float32), verbose=0)
+    assert probs.shape == (3, 2)
+    np.testing.assert_allclose(probs.sum(axis=1), 1.0, rtol=1e-5)
