@@ -20,6 +20,7 @@ from drtune import __version__
 from drtune.errors import DrtuneError, InputError
 
 Handler = Callable[[argparse.Namespace], int]
+DEFAULT_STUDY = Path("studies") / "demo.toml"  # relative: defaults work from the repository root
 
 
 # --------------------------------------------------------------------------- handlers
@@ -78,6 +79,59 @@ def cmd_predict(args: argparse.Namespace) -> int:
         for r in rows:
             print(f"{r['name']},{r['p_rdr']},{r['decision']},{r['threshold']:.4f},{r['error']}")
     return 1 if all(r["error"] for r in rows) else 0
+
+
+def _study_config(args: argparse.Namespace):  # -> Config (typed lazily: config is cheap anyway)
+    """The study config of search/finetune/status/dashboard: --config, else studies/demo.toml."""
+    from drtune.config import load_config
+
+    path = args.config
+    if path is None and DEFAULT_STUDY.is_file():
+        path = DEFAULT_STUDY
+        logging.info("using %s (pass --config for another study)", path)
+    extra = {"data.dir": str(args.data)} if getattr(args, "data", None) else {}
+    return load_config(path, getattr(args, "set", None) or (), extra=extra)
+
+
+def cmd_search(args: argparse.Namespace) -> int:
+    from drtune.search import search
+
+    cfg = _study_config(args)
+    search(cfg, grid=args.grid, storage=args.storage, name=args.study, n_trials=args.n_trials,
+           timeout=args.timeout)
+    print(f"see the trials with: drtune status{_cfg_flag(args)}   or the dashboard: drtune dashboard{_cfg_flag(args)}")
+    return 0
+
+
+def cmd_finetune(args: argparse.Namespace) -> int:
+    from drtune.search import finetune_best
+
+    if not args.best:
+        raise InputError("finetune needs --best (fine-tuning the best completed trial is the only mode)")
+    summary = finetune_best(_study_config(args), storage=args.storage, name=args.study, data_dir=args.data)
+    test = summary["test"]
+    auc = "n/a" if test["auc"] is None else f"{test['auc']:.3f}"
+    print(f"fine-tuned trial {summary['trial']}: test balanced accuracy {test['balanced_accuracy']:.3f}, "
+          f"AUC {auc}, n={test['n']}; run in {summary['run_dir']}")
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from drtune.status import status_text
+
+    print(status_text(_study_config(args), storage=args.storage, name=args.study))
+    return 0
+
+
+def cmd_dashboard(args: argparse.Namespace) -> int:
+    from drtune.status import serve_dashboard
+
+    serve_dashboard(_study_config(args), storage=args.storage, host=args.host, port=args.port)
+    return 0
+
+
+def _cfg_flag(args: argparse.Namespace) -> str:
+    return f" --config {args.config}" if args.config else ""
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -167,6 +221,58 @@ def _add_predict(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(handler=cmd_predict)
 
 
+def _study_args(p: argparse.ArgumentParser, data: bool = True, overrides: bool = True) -> None:
+    p.add_argument("--config", type=Path, help="study TOML (default: studies/demo.toml)")
+    p.add_argument("--storage", help="SQLAlchemy URL (default: $DRTUNE_STORAGE, else the study's, "
+                                     "else sqlite:///runs/optuna.db)")
+    p.add_argument("--study", help="study name (default: the study's)")
+    if data:
+        p.add_argument("--data", type=Path, help="prepared data directory (default: the study's data.dir)")
+    if overrides:
+        p.add_argument("--set", action="append", metavar="KEY=VALUE",
+                       help="override a config value, e.g. --set search.pruner=none (repeatable)")
+
+
+def _add_search(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("search", help="run or resume an Optuna study",
+                       description="Run an Optuna study: each trial trains a model and reports "
+                                   "validation balanced accuracy per epoch, so bad trials are pruned. "
+                                   "Re-running the same command resumes the study.")
+    p.add_argument("--grid", action="store_true", help="grid search over [search.grid]; stops when done")
+    _study_args(p)
+    p.add_argument("--n-trials", type=int, help="trials to run now (default: the grid, or search.n_trials)")
+    p.add_argument("--timeout", type=float, help="stop starting trials after this many seconds")
+    p.set_defaults(handler=cmd_search)
+
+
+def _add_finetune(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("finetune", help="retrain the best trial gently and test it",
+                       description="Warm-start the best COMPLETE trial's model and train on with the "
+                                   "study's [finetune] settings (lr 1e-5, strong augmentation, 50 "
+                                   "epochs by default), then evaluate on the test split.")
+    p.add_argument("--best", action="store_true", help="fine-tune the best completed trial")
+    _study_args(p)
+    p.set_defaults(handler=cmd_finetune)
+
+
+def _add_status(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("status", help="table of a study's trials",
+                       description="Trials (number, state, params, value, epochs, duration), the best "
+                                   "trial and the finetune result of a study.")
+    _study_args(p, data=False)
+    p.set_defaults(handler=cmd_status)
+
+
+def _add_dashboard(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("dashboard", help="serve optuna-dashboard for the study storage",
+                       description="Serve optuna-dashboard (with the trials' artifacts) on the study "
+                                   "storage. It has no authentication: keep the default host.")
+    _study_args(p, data=False)
+    p.add_argument("--host", default="127.0.0.1", help="default: 127.0.0.1")
+    p.add_argument("--port", type=int, default=8080, help="default: 8080")
+    p.set_defaults(handler=cmd_dashboard)
+
+
 def _add_demo(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("demo", help="run the whole pipeline on synthetic data",
                        description="synth -> prepare -> train (studies/demo.toml) -> evaluate, in a "
@@ -186,7 +292,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-q", "--quiet", action="store_true", help="warnings and errors only")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
-    for add in (_add_synth, _add_prepare, _add_train, _add_evaluate, _add_predict, _add_demo):
+    for add in (_add_synth, _add_prepare, _add_train, _add_evaluate, _add_predict, _add_search,
+                _add_finetune, _add_status, _add_dashboard, _add_demo):
         add(sub)
     return parser
 

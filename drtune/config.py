@@ -62,6 +62,44 @@ class TrainConfig:
     eval_batch_size: int = 32
 
 
+PRUNERS: tuple[str, ...] = ("median", "hyperband", "successive_halving", "none")
+# Sections a search may vary; `search` and `finetune` themselves are not searchable.
+SEARCHABLE_SECTIONS: tuple[str, ...] = ("data", "model", "train")
+
+
+@dataclass(frozen=True)
+class SearchConfig:
+    """The Optuna study: where it is stored, how it samples and prunes, what it searches.
+
+    ``grid`` maps dotted keys to lists of values (``drtune search --grid``); ``space`` maps
+    dotted keys to ``{low, high, log?, step?}`` ranges or ``{choices = [...]}`` (TPE).
+    """
+
+    workdir: str = "runs"  # trial run directories, artifacts and the default SQLite file
+    storage: str = ""  # SQLAlchemy URL; "": $DRTUNE_STORAGE, else sqlite:///<workdir>/optuna.db
+    study: str = ""  # "": the config's name
+    sampler_seed: int = 0  # the same on every worker, or GridSampler skips points
+    pruner: str = "median"
+    pruner_startup_trials: int = 2  # trials that finish before anything is pruned
+    pruner_warmup_epochs: int = 2  # epochs of a trial before it can be pruned
+    n_trials: int = 20  # TPE budget (a grid stops when it is complete)
+    timeout: float = 0.0  # seconds; 0: none
+    heartbeat_interval: int = 30  # seconds between a running trial's heartbeats
+    grace_period: int = 90  # seconds without heartbeat before a trial counts as dead
+    max_retry: int = 2  # times a dead trial is retried with the same parameters
+    grid: dict[str, Any] = field(default_factory=dict)
+    space: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class FinetuneConfig:
+    """``drtune finetune --best``: retrain the best trial's model gently, then test it."""
+
+    lr: float = 1e-5
+    epochs: int = 50
+    augment: str = "strong"
+
+
 @dataclass(frozen=True)
 class Config:
     """A whole experiment: one TOML file of sections."""
@@ -70,6 +108,8 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    search: SearchConfig = field(default_factory=SearchConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
 
 
 # (section.key, check, message) — range checks applied after types are right.
@@ -89,6 +129,18 @@ _RULES: tuple[tuple[str, typing.Callable[[Any], bool], str], ...] = (
     ("train.threshold", lambda v: v in THRESHOLD_CRITERIA,
      f"must be one of {', '.join(THRESHOLD_CRITERIA)}"),
     ("train.eval_batch_size", lambda v: v >= 1, "must be >= 1"),
+    ("name", lambda v: bool(v.strip()), "must not be empty"),
+    ("search.workdir", lambda v: bool(v.strip()), "must not be empty"),
+    ("search.pruner", lambda v: v in PRUNERS, f"must be one of {', '.join(PRUNERS)}"),
+    ("search.pruner_startup_trials", lambda v: v >= 0, "must be >= 0"),
+    ("search.pruner_warmup_epochs", lambda v: v >= 0, "must be >= 0"),
+    ("search.n_trials", lambda v: v >= 1, "must be >= 1"),
+    ("search.timeout", lambda v: v >= 0, "must be >= 0 (0: none)"),
+    ("search.heartbeat_interval", lambda v: v >= 1, "must be >= 1 second"),
+    ("search.max_retry", lambda v: v >= 0, "must be >= 0"),
+    ("finetune.lr", lambda v: v > 0.0, "must be > 0"),
+    ("finetune.epochs", lambda v: v >= 1, "must be >= 1"),
+    ("finetune.augment", lambda v: v in AUGMENT_LEVELS, f"must be one of {', '.join(AUGMENT_LEVELS)}"),
 )
 
 
@@ -103,6 +155,10 @@ def _coerce(value: Any, hint: Any, where: str) -> Any:
         value = float(value) if ok else value
     elif hint is str:
         ok = isinstance(value, str)
+    elif typing.get_origin(hint) is dict:
+        ok = isinstance(value, Mapping)
+        value = dict(value) if ok else value
+        hint = dict
     else:  # pragma: no cover - only the types above are used in the dataclasses
         raise TypeError(f"unsupported config type {hint!r}")
     if not ok:
@@ -144,7 +200,73 @@ def validate(cfg: Config, source: str = "config") -> Config:
         value = _get(cfg, key)
         if not check(value):
             raise InputError(f"{source}: {key} = {value!r}: {message}")
+    if cfg.search.grace_period <= cfg.search.heartbeat_interval:
+        raise InputError(f"{source}: search.grace_period = {cfg.search.grace_period!r}: must be "
+                         f"longer than search.heartbeat_interval ({cfg.search.heartbeat_interval})")
+    _validate_grid(cfg, source)
+    _validate_space(cfg, source)
     return cfg
+
+
+def _searchable(cfg: Config, key: str, where: str) -> Any:
+    """Check that ``key`` names a data/model/train setting; return its current value."""
+    section = key.split(".")[0]
+    if section not in SEARCHABLE_SECTIONS or key.count(".") != 1:
+        raise InputError(f"{where}: {key!r} is not a searchable key "
+                         f"(use section.key with section one of {', '.join(SEARCHABLE_SECTIONS)})")
+    try:
+        return _get(cfg, key)
+    except AttributeError:
+        raise InputError(f"{where}: unknown key {key!r}") from None
+
+
+def _check_value(cfg: Config, key: str, value: Any, where: str) -> None:
+    """A searched value must make a valid config, with the same checks a file would get."""
+    values = merge(to_dict(cfg), {key: value})
+    values["search"] = {}  # only this value is being checked, not the rest of the grid
+    from_dict(values, where)
+
+
+def _validate_grid(cfg: Config, source: str) -> None:
+    for key, values in cfg.search.grid.items():
+        where = f"{source}: search.grid.{key}"
+        _searchable(cfg, key, where)
+        if not isinstance(values, list) or not values:
+            raise InputError(f"{where}: expected a non-empty list of values, got {values!r}")
+        if len(set(map(repr, values))) != len(values):
+            raise InputError(f"{where}: values repeat in {values!r}")
+        for v in values:
+            _check_value(cfg, key, v, where)
+
+
+def _validate_space(cfg: Config, source: str) -> None:
+    for key, spec in cfg.search.space.items():
+        where = f"{source}: search.space.{key}"
+        current = _searchable(cfg, key, where)
+        if not isinstance(spec, Mapping):
+            raise InputError(f"{where}: expected {{low, high[, log, step]}} or {{choices = [...]}}")
+        allowed = {"choices"} if "choices" in spec else {"low", "high", "log", "step"}
+        extra = sorted(set(spec) - allowed)
+        if extra:
+            raise InputError(f"{where}: unexpected {extra[0]!r} (allowed: {', '.join(sorted(allowed))})")
+        if "choices" in spec:
+            choices = spec["choices"]
+            if not isinstance(choices, list) or not choices:
+                raise InputError(f"{where}: choices must be a non-empty list")
+            for v in choices:
+                _check_value(cfg, key, v, where)
+            continue
+        if "low" not in spec or "high" not in spec:
+            raise InputError(f"{where}: needs low and high (or choices)")
+        if isinstance(current, (bool, str)):
+            raise InputError(f"{where}: {key} is not numeric; use choices = [...]")
+        low, high = spec["low"], spec["high"]
+        for v in (low, high):
+            _check_value(cfg, key, v, where)
+        if not low < high:
+            raise InputError(f"{where}: low ({low}) must be below high ({high})")
+        if spec.get("log") and low <= 0:
+            raise InputError(f"{where}: a log range needs low > 0")
 
 
 def from_dict(values: Mapping[str, Any], source: str = "config") -> Config:

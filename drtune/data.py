@@ -91,60 +91,72 @@ def _transforms(u: tf.Tensor, p: dict[str, Any], height: tf.Tensor, width: tf.Te
 
 
 @tf.function(jit_compile=True)
-def _warp_and_colour(images: tf.Tensor, transforms: tf.Tensor, colour: tf.Tensor,
-                     jitter: bool) -> tf.Tensor:
-    """Affine bilinear warp with zero fill, colour jitter, brightness, clip: one XLA kernel.
+def _warp(images: tf.Tensor, transforms: tf.Tensor, brightness: tf.Tensor) -> tf.Tensor:
+    """Affine bilinear warp with zero fill, times ``brightness`` [B], clipped: one XLA kernel.
 
-    Computes exactly what ``ImageProjectiveTransformV3(interpolation='BILINEAR',
-    fill_mode='CONSTANT', fill_value=0)`` computes for affine transforms (the tests check it),
-    but 3x cheaper on CPU: that kernel evaluates the coordinate mapping once per channel and
-    runs on one thread, while XLA fuses the mapping, four gathers of whole RGB pixels, the
-    blend and the colour maths into one loop. (Unlike the model, this is faster under XLA on
-    a 2-core CPU: 0.6 vs 2.1 CPU ms per 256 px image.)
-    ``colour`` [B, 3]: saturation, contrast and brightness factors.
+    Computes what ``ImageProjectiveTransformV3(interpolation='BILINEAR', fill_mode='CONSTANT',
+    fill_value=0)`` computes for affine transforms (the tests check it), but 3-4x cheaper on
+    CPU: that kernel evaluates the coordinate mapping once per channel on one thread, while XLA
+    fuses the mapping, four gathers of whole RGB pixels and the blend into one loop. (Unlike the
+    model, this is faster under XLA on a 2-core CPU: ~0.5 vs ~2.1 CPU ms per 256 px image.)
     """
     shape = tf.shape(images)
     batch, height, width = shape[0], shape[1], shape[2]
-    # A one-pixel zero border makes every out-of-range neighbour read a zero, as fill 0 does.
-    padded = tf.pad(tf.cast(images, tf.float32), [[0, 0], [1, 1], [1, 1], [0, 0]])
-    wp = width + 2
-    flat = tf.reshape(padded, [batch, (height + 2) * wp, 3])
+    # One flat pixel table for the whole batch: cheaper under XLA than a batched gather.
+    flat = tf.reshape(images, [batch * height * width, 3])
+    first = (tf.range(batch) * height * width)[:, None, None]
     t = transforms[:, :, None, None]
     xs = tf.cast(tf.range(width), tf.float32)[None, None, :]
     ys = tf.cast(tf.range(height), tf.float32)[None, :, None]
     x_in = t[:, 0] * xs + t[:, 1] * ys + t[:, 2]
     y_in = t[:, 3] * xs + t[:, 4] * ys + t[:, 5]
     x0, y0 = tf.floor(x_in), tf.floor(y_in)
-    wx, wy = (x_in - x0)[..., None], (y_in - y0)[..., None]
-    # +1 for the border; clipping parks far-away coordinates on the (zero) border.
-    x0, y0 = tf.cast(x0, tf.int32) + 1, tf.cast(y0, tf.int32) + 1
-    x0, x1 = tf.clip_by_value(x0, 0, width + 1), tf.clip_by_value(x0 + 1, 0, width + 1)
-    y0, y1 = tf.clip_by_value(y0, 0, height + 1), tf.clip_by_value(y0 + 1, 0, height + 1)
 
-    def at(y: tf.Tensor, x: tf.Tensor) -> tf.Tensor:
-        return tf.gather(flat, y * wp + x, batch_dims=1)
+    def neighbours(i0: tf.Tensor, frac: tf.Tensor, n: tf.Tensor) -> tuple[tf.Tensor, ...]:
+        # A neighbour outside the image gets weight 0 (the fill) and a harmless clamped index.
+        i0 = tf.cast(i0, tf.int32)
+        i1 = i0 + 1
+        w0 = tf.where((i0 >= 0) & (i0 < n), 1.0 - frac, 0.0)
+        w1 = tf.where((i1 >= 0) & (i1 < n), frac, 0.0)
+        return tf.clip_by_value(i0, 0, n - 1), tf.clip_by_value(i1, 0, n - 1), w0, w1
 
-    out = ((at(y0, x0) * (1.0 - wx) + at(y0, x1) * wx) * (1.0 - wy)
-           + (at(y1, x0) * (1.0 - wx) + at(y1, x1) * wx) * wy)
-    c = colour[:, None, None, :]
-    if jitter:
-        gray = tf.reduce_mean(out, axis=-1, keepdims=True)
-        out = gray + c[..., 0:1] * (out - gray)
-        # Contrast about the mean of the retina field only, and never lifting the surround:
-        # a whole-image mean would grey the black border whenever contrast drops.
-        field = tf.cast(gray > 1.0, tf.float32)
-        mean = tf.reduce_sum(gray * field, axis=[1, 2, 3], keepdims=True) / tf.maximum(
-            tf.reduce_sum(field, axis=[1, 2, 3], keepdims=True), 1.0)
-        out = (mean + c[..., 1:2] * (out - mean)) * field
-    return tf.clip_by_value(out * c[..., 2:3], 0.0, 255.0)
+    xa, xb, wxa, wxb = neighbours(x0, x_in - x0, width)
+    ya, yb, wya, wyb = neighbours(y0, y_in - y0, height)
+    b = brightness[:, None, None]  # folded into the weights: the blend is linear
+
+    def tap(y: tf.Tensor, x: tf.Tensor, weight: tf.Tensor) -> tf.Tensor:
+        pixel = tf.gather(flat, first + y * width + x)
+        return tf.cast(pixel, tf.float32) * (weight * b)[..., None]
+
+    out = (tap(ya, xa, wya * wxa) + tap(ya, xb, wya * wxb)
+           + tap(yb, xa, wyb * wxa) + tap(yb, xb, wyb * wxb))
+    return tf.clip_by_value(out, 0.0, 255.0)
+
+
+@tf.function(jit_compile=True)
+def _jitter(images: tf.Tensor, saturation: tf.Tensor, contrast: tf.Tensor) -> tf.Tensor:
+    """Per-image saturation and contrast factors [B] applied to the unwarped images.
+
+    Done before the warp, in its own kernel: the warp is linear, so saturation commutes with
+    it, and cross-channel maths fused into the warp made XLA redo the gathers per channel.
+    Contrast is about the mean of the retina field and masked to it, so that lowering contrast
+    does not lift the black surround to grey.
+    """
+    x = tf.cast(images, tf.float32)
+    gray = tf.reduce_mean(x, axis=-1, keepdims=True)
+    field = tf.cast(gray > 1.0, tf.float32)
+    mean = tf.reduce_sum(gray * field, axis=[1, 2, 3], keepdims=True) / tf.maximum(
+        tf.reduce_sum(field, axis=[1, 2, 3], keepdims=True), 1.0)
+    x = gray + saturation[:, None, None, None] * (x - gray)
+    return (mean + contrast[:, None, None, None] * (x - mean)) * field
 
 
 def augment(images: tf.Tensor, level: str, seed: tf.Tensor | None = None) -> tf.Tensor:
     """Augment a BATCH [B,H,W,3] float32 0..255 with per-image random parameters; works eagerly and inside tf.data/tf.function.
 
     Rotation, shift, zoom, shear and flips form one affine transform per image, applied in a
-    single bilinear resampling whose fill is 0, so the black surround stays black. Then (strong
-    only) saturation and contrast jitter, then a brightness factor, then clipping to 0..255.
+    single bilinear resampling whose fill is 0, so the black surround stays black; a brightness
+    factor and clipping to 0..255 follow. ``strong`` first jitters saturation and contrast.
     ``seed``: int shape-[2] tensor for stateless, repeatable draws; None draws a fresh one.
     uint8 input is accepted (and cast inside the fused kernel); a single image [H,W,3] too.
     Returns float32; ``level='none'`` returns the input unchanged (cast to float32).
@@ -162,12 +174,11 @@ def augment(images: tf.Tensor, level: str, seed: tf.Tensor | None = None) -> tf.
     # One stateless draw of every per-image parameter, outside XLA (whose random bit generator
     # may differ): columns are independent streams.
     u = tf.random.stateless_uniform([shape[0], 9], seed=tf.cast(seed, tf.int64))
+    if p["saturation"] or p["contrast"]:
+        images = _jitter(images, 1.0 + p["saturation"] * (2.0 * u[:, 6] - 1.0),
+                         1.0 + p["contrast"] * (2.0 * u[:, 7] - 1.0))
     lo, hi = p["brightness"]
-    colour = tf.stack([1.0 + p["saturation"] * (2.0 * u[:, 6] - 1.0),
-                       1.0 + p["contrast"] * (2.0 * u[:, 7] - 1.0),
-                       lo + (hi - lo) * u[:, 8]], axis=1)
-    out = _warp_and_colour(images, _transforms(u, p, shape[1], shape[2]), colour,
-                           bool(p["saturation"] or p["contrast"]))
+    out = _warp(images, _transforms(u, p, shape[1], shape[2]), lo + (hi - lo) * u[:, 8])
     return out[0] if single else out
 
 
@@ -210,6 +221,22 @@ def _cache_budget() -> int:
     return min(4 << 30, ram // 4)
 
 
+def decode_image(jpeg: tf.Tensor | bytes, size: int, out: int | None = None) -> tf.Tensor:
+    """JPEG bytes of a ``size`` crop -> uint8 [out, out, 3]; the one decode every consumer uses.
+
+    ``predict`` and ``gradcam`` call this too, so a raw photograph reaches the model exactly as
+    its prepared record would.
+    """
+    out = out or size
+    img = tf.io.decode_jpeg(jpeg, channels=3)
+    img = tf.ensure_shape(img, [size, size, 3])
+    if out != size:
+        method = "area" if out < size else "bilinear"
+        img = tf.image.resize(img, [out, out], method=method)
+        img = tf.cast(tf.clip_by_value(tf.round(img), 0, 255), tf.uint8)
+    return img
+
+
 def _decoded(ds: tf.data.Dataset, size: int, image_size: int | None, n: int, cache: bool,
              what: str) -> tf.data.Dataset:
     """Parsed examples -> (uint8 image [S,S,3], int32 label), resized and cached if possible.
@@ -220,13 +247,7 @@ def _decoded(ds: tf.data.Dataset, size: int, image_size: int | None, n: int, cac
     out = image_size or size
 
     def decode(ex: dict) -> tuple[tf.Tensor, tf.Tensor]:
-        img = tf.io.decode_jpeg(ex["image"], channels=3)
-        img = tf.ensure_shape(img, [size, size, 3])
-        if out != size:
-            method = "area" if out < size else "bilinear"
-            img = tf.image.resize(img, [out, out], method=method)
-            img = tf.cast(tf.clip_by_value(tf.round(img), 0, 255), tf.uint8)
-        return img, tf.cast(ex["label"], tf.int32)
+        return decode_image(ex["image"], size, out), tf.cast(ex["label"], tf.int32)
 
     ds = ds.map(decode, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     need, budget = n * out * out * 3, _cache_budget()

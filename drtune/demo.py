@@ -1,7 +1,7 @@
-"""``drtune demo``: the whole pipeline on built-in synthetic data, in a few minutes on a CPU.
+"""``drtune demo``: the whole service on built-in synthetic data, in minutes on a CPU.
 
-synth -> prepare -> train (``studies/demo.toml``) -> evaluate on the test split. Each step
-skips work that a previous demo in the same folder already finished, so re-running is cheap.
+synth -> prepare -> search --grid (``studies/demo.toml``) -> finetune --best (which evaluates on
+the test split). Finished steps are reused, so re-running the demo is cheap.
 """
 
 from __future__ import annotations
@@ -11,34 +11,44 @@ from typing import Any
 
 from absl import logging
 
-DEMO_STUDY = Path(__file__).resolve().parents[1] / "studies" / "demo.toml"
+from drtune.errors import InputError
+
+DEMO_STUDY = Path("studies") / "demo.toml"
 
 
 def run_demo(workdir: Path | str = "demo-work", study: Path | str | None = None) -> dict[str, Any]:
-    """Run the demo in ``workdir``; return the test metrics."""
+    """Run the demo with all its files under ``workdir``; return the fine-tuned test summary."""
     from drtune.config import load_config
-    from drtune.evaluate import evaluate_run
     from drtune.prepare import PrepareOptions, find_idrid, prepare
+    from drtune.search import finetune_best, search, storage_url
     from drtune.synth import make_synthetic
-    from drtune.train import train_and_evaluate
 
+    study = Path(study or DEMO_STUDY)
+    if not study.is_file():
+        raise InputError(f"{study}: demo study not found; run from the repository root or pass --config")
     workdir = Path(workdir)
-    synth, data, run = workdir / "synth", workdir / "data", workdir / "run"
-    cfg = load_config(study or DEMO_STUDY, extra={"data.dir": str(data)})
+    synth, data, runs = workdir / "synth", workdir / "data", workdir / "runs"
+    # The demo keeps everything in its workdir, whatever the study file says.
+    cfg = load_config(study, extra={"data.dir": str(data), "search.workdir": str(runs),
+                                    "search.storage": f"sqlite:///{runs / 'optuna.db'}"})
     if not synth.is_dir():
         logging.info("[1/4] synthetic photographs -> %s", synth)
         make_synthetic(synth, n_train=96, n_test=32, width=640, height=426, seed=0)
     if not (data / "meta.json").is_file():
         logging.info("[2/4] prepare -> %s", data)
         prepare(find_idrid(synth), data, PrepareOptions(size=256))
-    logging.info("[3/4] train -> %s", run)
-    train_and_evaluate(cfg, data, run)
-    logging.info("[4/4] evaluate on the test split")
-    result = evaluate_run(run, data, "test")
-    print(f"\nDemo finished. Test balanced accuracy {result['balanced_accuracy']:.3f}, "
-          f"AUC {result['auc'] if result['auc'] is None else round(result['auc'], 3)} (n={result['n']}).\n"
-          f"  run directory : {run}\n"
-          f"  test report   : {run / 'eval-test'} (metrics.json, confusion_matrix.png, roc.png)\n"
-          f"  learning curve: {run / 'history.png'}\n"
-          f"  TensorBoard   : tensorboard --logdir {run / 'tensorboard'}")
-    return result
+    logging.info("[3/4] grid search (%s)", study)
+    search(cfg, grid=True)
+    logging.info("[4/4] fine-tune the best trial and evaluate it on the test split")
+    summary = finetune_best(cfg)
+    test = summary["test"]
+    flags = f"--config {study} --storage {storage_url(cfg)}"
+    auc = "n/a" if test["auc"] is None else f"{test['auc']:.3f}"
+    print(f"\nDemo finished. Fine-tuned trial {summary['trial']} "
+          f"({' '.join(f'{k}={v}' for k, v in summary['params'].items())}): test balanced accuracy "
+          f"{test['balanced_accuracy']:.3f}, AUC {auc}, n={test['n']}.\n"
+          f"  trials        : drtune status {flags}\n"
+          f"  dashboard     : drtune dashboard {flags}   (then open http://127.0.0.1:8080/)\n"
+          f"  test report   : {Path(summary['run_dir']) / 'eval-test'} (metrics.json, confusion_matrix.png, roc.png)\n"
+          f"  TensorBoard   : tensorboard --logdir {runs / cfg.name}")
+    return summary

@@ -107,6 +107,7 @@ def model_inputs(paths: Sequence[Path | str], info: dict[str, Any]) -> tuple[np.
     """
     import tensorflow as tf
 
+    from drtune.data import decode_image
     from drtune.prepare import ImageError, encode_jpeg, preprocess_file
 
     size, input_size = int(info["size"]), int(info["input_size"])
@@ -118,11 +119,8 @@ def model_inputs(paths: Sequence[Path | str], info: dict[str, Any]) -> tuple[np.
         except ImageError as exc:
             errors.append(str(exc))
             continue
-        img = tf.io.decode_jpeg(encode_jpeg(crop, int(info.get("jpeg_quality", 95))), channels=3)
-        img = tf.cast(img, tf.float32)
-        if input_size != size:
-            img = tf.image.resize(img, (input_size, input_size))
-        batch[i] = img.numpy()
+        jpeg = encode_jpeg(crop, int(info.get("jpeg_quality", 95)))
+        batch[i] = decode_image(tf.constant(jpeg), size, input_size).numpy().astype(np.float32)
         errors.append(None)
     return batch, errors
 

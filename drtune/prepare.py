@@ -1,8 +1,7 @@
 """Fundus photographs + grades -> TFRecord shards + meta.json, written once, read by training.
 
-The expensive work (JPEG decode, field detection, crop, resize, re-encode) runs in worker
-processes that use only OpenCV/numpy; the parent process alone touches TensorFlow, to serialise
-the shards. Output is built in a temporary directory beside the destination and renamed into
+The expensive work (JPEG decode, field detection, crop, resize, re-encode) runs in a pool of
+worker threads using OpenCV/numpy, which release the GIL; TensorFlow only serialises the shards. Output is built in a temporary directory beside the destination and renamed into
 place only when complete, so a failed or interrupted run never leaves half a data set.
 """
 
@@ -11,14 +10,12 @@ from __future__ import annotations
 import io
 import json
 import math
-import multiprocessing
 import os
 import shutil
-import sys
 import tempfile
 import time
 from collections import Counter
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -222,7 +219,7 @@ def preprocess_file(path: Path | str, size: int = 256, normalize: str = "none") 
     try:
         return preprocess(rgb, size=size, normalize=normalize)
     except NoFieldError as exc:
-        raise ImageError(f"no retina field found ({exc})") from exc
+        raise ImageError(str(exc)) from exc  # NoFieldError says "no retina field found: why"
 
 
 def encode_jpeg(rgb: np.ndarray, quality: int) -> bytes:
@@ -237,7 +234,7 @@ def encode_jpeg(rgb: np.ndarray, quality: int) -> bytes:
 
 
 def _work(job: tuple[str, int, str, int]) -> tuple[bytes | None, str | None]:
-    """Worker-process entry point: one photo -> (JPEG crop, None) or (None, reason)."""
+    """Worker entry point: one photo -> (JPEG crop, None) or (None, reason)."""
     path, size, normalize, quality = job
     try:
         return encode_jpeg(preprocess_file(path, size, normalize), quality), None
@@ -245,27 +242,28 @@ def _work(job: tuple[str, int, str, int]) -> tuple[bytes | None, str | None]:
         return None, str(exc)
 
 
-def _init_worker() -> None:
+def _process(jobs: list[tuple[str, int, str, int]], workers: int) -> Iterator[tuple[bytes | None, str | None]]:
+    """Run :func:`_work` over ``jobs`` in order, in ``workers`` threads (1: in this thread).
+
+    Threads, not processes: OpenCV releases the GIL in decode, resize and encode, which are
+    nearly all of the work, and threads are immune to the ways worker processes fail (a forked
+    child deadlocking on OpenCV's or TensorFlow's thread pools; a spawned child re-running a
+    script that lacks a ``__main__`` guard).
+    """
     import cv2
 
-    # One OpenCV thread per process: the pool already uses every core, and nested thread
-    # pools only add contention.
+    # Each job is single-threaded inside OpenCV; parallelism comes from the pool alone, which
+    # avoids nested thread pools oversubscribing the cores.
+    previous = cv2.getNumThreads()
     cv2.setNumThreads(1)
-
-
-def _process(jobs: list[tuple[str, int, str, int]], workers: int) -> Iterator[tuple[bytes | None, str | None]]:
-    """Run :func:`_work` over ``jobs`` in order, in ``workers`` processes (1: in this process)."""
-    if workers <= 1 or len(jobs) < 4:
-        _init_worker()
-        yield from map(_work, jobs)
-        return
-    # fork is cheap and works from scripts without a __main__ guard, but forking a process
-    # that already runs TensorFlow's thread pools can deadlock the child: spawn then.
-    use_fork = "tensorflow" not in sys.modules and "fork" in multiprocessing.get_all_start_methods()
-    ctx = multiprocessing.get_context("fork" if use_fork else "spawn")
-    chunk = max(1, min(16, len(jobs) // (workers * 4)))
-    with ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_init_worker) as pool:
-        yield from pool.map(_work, jobs, chunksize=chunk)
+    try:
+        if workers <= 1 or len(jobs) < 2:
+            yield from map(_work, jobs)
+            return
+        with ThreadPoolExecutor(max_workers=workers) as pool:
+            yield from pool.map(_work, jobs)
+    finally:
+        cv2.setNumThreads(previous)
 
 
 class Progress:

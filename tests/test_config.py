@@ -74,3 +74,37 @@ def test_shipped_studies_load() -> None:
         first = path.read_text().splitlines()[0]
         assert first.startswith("#") and "drtune" in first, f"{path}: header names its command"
         load_config(path)
+
+
+@pytest.mark.parametrize("text,needle", [
+    ('[search.grid]\n"train.lr" = [1e-3, -1.0]\n', "search.grid.train.lr: train.lr = -1.0: must be > 0"),
+    ('[search.grid]\n"train.lrate" = [1e-3]\n', "unknown key 'train.lrate'"),
+    ('[search.grid]\n"search.pruner" = ["none"]\n', "not a searchable key"),
+    ('[search.grid]\n"train.lr" = []\n', "non-empty list"),
+    ('[search.grid]\n"train.batch_size" = [2, 2]\n', "values repeat"),
+    ('[search.grid]\n"train.batch_size" = [2, 2.5]\n', "train.batch_size: expected int"),
+    ('[search.space]\n"train.lr" = { low = 1e-2, high = 1e-5 }\n', "must be below high"),
+    ('[search.space]\n"train.lr" = { low = 0.0, high = 1e-2, log = true }\n', "must be > 0"),
+    ('[search.space]\n"data.augment" = { low = 1, high = 2 }\n', "not numeric"),
+    ('[search.space]\n"data.augment" = { choices = ["base", "wild"] }\n', "must be one of none, base, strong"),
+    ('[search.space]\n"model.width" = { low = 8, hi = 32 }\n', "unexpected 'hi'"),
+    ('[search]\npruner = "random"\n', "search.pruner = 'random': must be one of"),
+    ('[search]\nheartbeat_interval = 60\ngrace_period = 30\n', "must be longer than search.heartbeat_interval"),
+    ('[finetune]\nlr = 0\n', "finetune.lr = 0.0: must be > 0"),
+])
+def test_bad_search_sections(tmp_path: Path, text: str, needle: str) -> None:
+    path = write(tmp_path, text)
+    with pytest.raises(InputError) as err:
+        load_config(path)
+    assert needle in str(err.value) and str(path) in str(err.value)
+
+
+def test_search_sections_load(tmp_path: Path) -> None:
+    path = write(tmp_path, '[search.grid]\n"train.lr" = [1e-2, 1e-3]\n"train.batch_size" = [2, 4]\n'
+                           '[search.space]\n"model.dropout" = { low = 0.0, high = 0.5 }\n'
+                           '"data.augment" = { choices = ["base", "strong"] }\n[finetune]\nepochs = 7\n')
+    cfg = load_config(path, ["search.pruner=hyperband"])
+    assert cfg.search.grid == {"train.lr": [1e-2, 1e-3], "train.batch_size": [2, 4]}
+    assert cfg.search.space["data.augment"] == {"choices": ["base", "strong"]}
+    assert cfg.search.pruner == "hyperband" and cfg.finetune.epochs == 7
+    assert from_dict(to_dict(cfg)) == cfg

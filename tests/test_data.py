@@ -200,6 +200,20 @@ def test_training_is_repeatable_per_seed(prepared: Path) -> None:
     assert not np.array_equal(a, c)
 
 
+def test_augmentation_seed_differs_per_batch_and_per_run_seed(tmp_path: Path) -> None:
+    # One training image: every batch shows it, so any difference is the augmentation's.
+    d = make_data(tmp_path / "d", {"train": (1, 0), "val": (1, 0)})
+
+    def batches(seed: int) -> np.ndarray:
+        ds, _ = data.train_dataset(d, 1, augment_level="base", seed=seed, balance=False)
+        return np.stack([x.numpy()[0] for x, _ in ds.take(3)])
+
+    a, b = batches(3), batches(4)
+    np.testing.assert_array_equal(a, batches(3))
+    assert not np.array_equal(a[0], a[1]) and not np.array_equal(a[1], a[2])
+    assert all(not np.array_equal(a[i], b[i]) for i in range(3))
+
+
 def test_training_resizes_and_works_without_cache(prepared: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     ds, _ = data.train_dataset(prepared, 4, augment_level="strong", image_size=32)
     x, _ = next(iter(ds))
@@ -308,7 +322,6 @@ def test_fused_warp_matches_tensorflow_projective_transform(level: str) -> None:
     ref = tf.raw_ops.ImageProjectiveTransformV3(
         images=x, transforms=t, output_shape=[40, 48], fill_value=0.0,
         interpolation="BILINEAR", fill_mode="CONSTANT").numpy()
-    ones = tf.ones([8, 3])
-    out = data._warp_and_colour(tf.constant(x), t, ones, False).numpy()
+    out = data._warp(tf.constant(x), t, tf.ones([8])).numpy()
     np.testing.assert_allclose(out, ref, atol=0.05)
     assert (ref[4:] == 0).mean() > 0.4  # the shifts really left the frame

@@ -290,7 +290,8 @@ def test_existing_output_is_refused_unless_overwrite(synth_root: Path, tmp_path:
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "src"]
 
 
-def test_fail_reports_every_problem_and_skip_lists_them(synth_root: Path, tmp_path: Path, capsys) -> None:
+def test_fail_reports_every_problem_and_skip_lists_them(synth_root: Path, tmp_path: Path, capsys,
+                                                       caplog: pytest.LogCaptureFixture) -> None:
     images, labels = _bad(synth_root, tmp_path, n=12)
     files = sorted(images.iterdir())
     files[0].write_text("not a photo")
@@ -302,8 +303,11 @@ def test_fail_reports_every_problem_and_skip_lists_them(synth_root: Path, tmp_pa
     err = capsys.readouterr().err
     assert rc == 2 and not out.exists()
     assert "drtune: error: 3 problem(s)" in err
+    # Every problem is logged, not just the first.
+    bad_lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("bad input")]
+    assert len(bad_lines) == 3
     for f in files[:3]:
-        assert f.name in err or f.stem in err
+        assert any(f.name in line or repr(f.stem) in line for line in bad_lines)
     rc = main(["prepare", "--images", str(images), "--labels", str(labels), "--out", str(out),
                "--size", "64", "--workers", "1", "--on-error", "skip"])
     assert rc == 0

@@ -1,0 +1,386 @@
+"""Grad-CAM heatmaps (pure), a browsable gallery (IO) and a lesion-pointing score.
+
+``heatmaps`` is a pure function of a model and a batch. ``run_gradcam`` renders one PNG per
+photograph (photo | heatmap overlay, titled with name, P(RDR), decision and ground truth) and an
+``index.html`` that opens from disk (file://). ``pointing_score`` checks, on ``drtune synth``
+data whose lesion masks are known, whether the maps point at lesions at all.
+
+The class score is the log-odds of the class, ``z_c - logsumexp(z_other)`` on the pre-softmax
+logits (``z_1 - z_0`` for RDR): it does not saturate as P -> 1 the way the probability does, and
+for the GAP -> dense head its map is exactly where the decision's evidence sits (a CAM of the
+logit difference). Maps are ReLU'd and divided by their own maximum, so compare *where* maps
+point, not their intensity across images; an all-zero map means no positive evidence anywhere.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+import re
+from itertools import zip_longest
+from pathlib import Path
+from typing import Any, Sequence
+from urllib.parse import quote
+
+import numpy as np
+from absl import logging
+
+from drtune.errors import InputError
+from drtune.model import FEATURE_LAYER
+
+RDR = 1
+CLASS_NAMES = ("NRDR", "RDR")
+# Gallery sections in display order: key, heading, what it means.
+GROUPS = (("TP", "True positives", "RDR, called RDR"), ("FP", "False positives", "NRDR, called RDR"),
+          ("FN", "False negatives", "RDR, called NRDR"), ("TN", "True negatives", "NRDR, called NRDR"),
+          ("RDR?", "Called RDR", "no ground truth"), ("NRDR?", "Called NRDR", "no ground truth"),
+          ("error", "Unreadable", "no prediction"))
+SELECTION = ("all errors first (false negatives, then false positives, most confident first), "
+             "then true positives and true negatives alternately, most confident first")
+
+
+# --------------------------------------------------------------------------- heatmaps (pure)
+
+
+def _grad_model(model: Any, layer: str, where: str = "") -> Any:
+    """[feature map, pre-softmax input of the head (or the probabilities)] of ``model``."""
+    import keras
+
+    try:
+        feature = model.get_layer(layer)
+    except ValueError:
+        raise InputError(f"{where or 'model ' + repr(model.name)}: no layer {layer!r} to explain (Grad-CAM "
+                         f"needs the named feature map; drtune models call it {FEATURE_LAYER!r})") from None
+    head = model.layers[-1]
+    dense = isinstance(head, keras.layers.Dense) and head.activation is keras.activations.softmax
+    return keras.Model(model.inputs, [feature.output, head.input if dense else model.output]), (
+        head if dense else None)
+
+
+def _cams(model: Any, images: np.ndarray, class_index: int | None, layer: str,
+          batch_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """(heatmaps [B,H,W] in [0, 1], P(RDR) [B]) for float32 0..255 ``images`` [B,H,W,3]."""
+    import tensorflow as tf
+
+    images = np.asarray(images, np.float32)
+    if images.ndim != 4 or images.shape[-1] != 3:
+        raise InputError(f"images: expected a batch [B,H,W,3], got shape {images.shape}")
+    c = RDR if class_index is None else int(class_index)
+    grad_model, head = _grad_model(model, layer)
+    n_classes = int(model.output.shape[-1])
+    if not 0 <= c < n_classes:
+        raise InputError(f"class_index {class_index}: the model has {n_classes} classes")
+    maps, probs = [], []
+    for i in range(0, len(images), batch_size):
+        x = tf.constant(images[i:i + batch_size])
+        with tf.GradientTape() as tape:
+            feats, pre = grad_model([x], training=False)
+            logits = (tf.matmul(pre, head.kernel) + head.bias if head is not None
+                      else tf.math.log(tf.maximum(pre, 1e-12)))
+            others = tf.concat([logits[:, :c], logits[:, c + 1:]], axis=1)
+            score = logits[:, c] - tf.reduce_logsumexp(others, axis=1)
+        grads = tape.gradient(score, feats)  # images are independent: d(sum)/dA_b = d(score_b)/dA_b
+        weights = tf.reduce_mean(grads, axis=[1, 2], keepdims=True)
+        cam = tf.nn.relu(tf.reduce_sum(feats * weights, axis=-1, keepdims=True))
+        cam = tf.image.resize(cam, images.shape[1:3], method="bilinear")[..., 0].numpy()
+        peak = cam.max(axis=(1, 2), keepdims=True)
+        maps.append(np.divide(cam, peak, out=np.zeros_like(cam), where=peak > 0))
+        probs.append(tf.nn.softmax(logits).numpy()[:, RDR])
+    if not maps:
+        return np.zeros((0,) + images.shape[1:3], np.float32), np.zeros(0, np.float32)
+    return np.clip(np.concatenate(maps), 0.0, 1.0), np.concatenate(probs)
+
+
+def heatmaps(model: Any, images: np.ndarray, class_index: int | None = None,
+             layer: str = FEATURE_LAYER, batch_size: int = 16) -> np.ndarray:
+    """Grad-CAM maps [B,H,W] float32 in [0, 1], one per image, at the input size.
+
+    ``images``: float32 RGB 0..255 [B,H,W,3], as the model takes them. ``class_index``: the class
+    explained; None means RDR (index 1), the class a screener wants located. ``layer``: the
+    feature map differentiated against (default the model's last, ``FEATURE_LAYER``; an earlier
+    stage gives finer but less class-specific maps). Raises ``InputError`` if the layer is absent.
+    """
+    return _cams(model, images, class_index, layer, batch_size)[0]
+
+
+# --------------------------------------------------------------------------- lesion masks
+
+
+def lesion_masks(photo: Path | str, mask_file: Path | str, info: dict[str, Any],
+                 tolerance: int) -> tuple[np.ndarray, np.ndarray]:
+    """(lesion mask dilated by ``tolerance`` px, retina field), bool [S,S] at the model input size.
+
+    The mask gets exactly the photo's ``prepare`` crop: the field is found on the photo decoded
+    as ``prepare`` decodes it (possibly at 1/2-1/8 resolution), scaled to the mask's resolution,
+    and the square crop is area-resized; any lesion pixel marks its target pixel (like a
+    max-pool), so microaneurysms survive the shrink.
+    """
+    import cv2
+
+    from drtune.fundus import Field, crop_square, find_field
+    from drtune.prepare import decode_image
+
+    size, n = int(info["size"]), int(info["input_size"])
+    rgb = decode_image(Path(photo).read_bytes(), size, str(photo))
+    mask = cv2.imread(str(mask_file), cv2.IMREAD_GRAYSCALE)
+    if mask is None:
+        raise InputError(f"{mask_file}: lesion mask missing or unreadable")
+    f, s = find_field(rgb), mask.shape[1] / rgb.shape[1]
+    field = Field((f.cx + 0.5) * s - 0.5, (f.cy + 0.5) * s - 0.5, f.radius * s,
+                  int(f.x0 * s), int(f.y0 * s), int(np.ceil(f.x1 * s)), int(np.ceil(f.y1 * s)))
+
+    def to_input(a: np.ndarray) -> np.ndarray:
+        return cv2.resize(crop_square(a, field).astype(np.float32), (n, n), interpolation=cv2.INTER_AREA)
+
+    lesions = (to_input(mask) > 0).astype(np.uint8)
+    if tolerance > 0:
+        kernel = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * tolerance + 1,) * 2)
+        lesions = cv2.dilate(lesions, kernel)
+    yy, xx = np.ogrid[:n, :n]
+    circle = (xx - (n - 1) / 2) ** 2 + (yy - (n - 1) / 2) ** 2 <= (n / 2) ** 2
+    field_px = (to_input(np.full(mask.shape, 255, np.uint8)) > 127) & circle
+    return lesions.astype(bool) & field_px, field_px
+
+
+def pointing_score(model: Any, synth_root: Path | str, split: str, info: dict[str, Any],
+                   threshold: float, layer: str = FEATURE_LAYER,
+                   tolerance: int | None = None) -> dict[str, Any]:
+    """Pointing game and energy share of the RDR maps on a ``drtune synth`` split.
+
+    Over the correctly classified RDR photographs (grade >= the run's ``rdr_grade``, P(RDR) >=
+    ``threshold``): ``hit_rate`` is the share whose map peak lies in the lesion mask dilated by
+    ``tolerance`` px at the model input size (default 1/32 of the side, >= 2 px: 8 px at 256, a
+    quarter of a cell of the stride-32 feature map);
+    ``energy_share`` the mean share of map mass inside that mask; ``baseline`` the mean share of
+    the retina field the dilated mask covers, i.e. what a uniformly random peak (or a flat map
+    over the field) would score on either. Photos are preprocessed exactly as ``prepare`` does.
+    """
+    from drtune.evaluate import model_inputs
+    from drtune.labels import list_images, read_labels
+    from drtune.synth import SYNTH_LAYOUT, mask_path
+
+    root = Path(synth_root)
+    if split not in SYNTH_LAYOUT:
+        raise InputError(f"split {split!r}: a synth set has {' and '.join(SYNTH_LAYOUT)}")
+    images_dir, labels_csv, _ = (root / p for p in SYNTH_LAYOUT[split])
+    if not labels_csv.is_file():
+        raise InputError(f"{root}: not a 'drtune synth' folder (no {SYNTH_LAYOUT[split][1]})")
+    rows, _ = read_labels(labels_csv)
+    files, _ = list_images(images_dir)
+    rdr_grade = int(info.get("rdr_grade", 2))
+    rows = [r for r in rows if r.grade >= rdr_grade and r.name in files]
+    tol = max(2, round(int(info["input_size"]) / 32)) if tolerance is None else int(tolerance)
+    batch, errors = model_inputs([files[r.name] for r in rows], info)
+    ok = [i for i, e in enumerate(errors) if e is None]
+    maps, p = _cams(model, batch[ok], RDR, layer, 16)
+    per_image = []
+    for k, i in enumerate(ok):
+        if p[k] < threshold:
+            continue
+        name = rows[i].name
+        lesions, field = lesion_masks(files[name], mask_path(root, split, name), info, tol)
+        peak = np.unravel_index(np.argmax(maps[k]), maps[k].shape)
+        per_image.append({"name": name, "p_rdr": float(p[k]), "hit": bool(lesions[peak]),
+                          "energy": float((maps[k] * lesions).sum() / max(maps[k].sum(), 1e-12)),
+                          "coverage": float(lesions.sum() / max(field.sum(), 1))})
+
+    def mean(key: str) -> float | None:
+        return float(np.mean([r[key] for r in per_image])) if per_image else None
+
+    return {"split": split, "layer": layer, "tolerance_px": tol, "n_rdr": len(rows),
+            "n_unreadable": len(rows) - len(ok), "n": len(per_image), "hit_rate": mean("hit"),
+            "energy_share": mean("energy"), "baseline": mean("coverage"), "images": per_image}
+
+
+# --------------------------------------------------------------------------- gallery (IO)
+
+
+def _group(label: int | None, decision: int) -> str:
+    if label is None:
+        return f"{CLASS_NAMES[decision]}?"
+    return ("TN", "FP", "FN", "TP")[2 * label + decision]
+
+
+def _choose(labels: np.ndarray, p: np.ndarray, threshold: float, n: int) -> list[int]:
+    """Indices of the ``n`` gallery images of a split (rule in ``SELECTION``)."""
+    groups = {g: [] for g in ("FN", "FP", "TP", "TN")}
+    for i in np.argsort(-p, kind="stable"):  # most confident RDR first
+        groups[_group(int(labels[i]), int(p[i] >= threshold))].append(int(i))
+    groups["FN"].reverse()  # a confident miss has the lowest P(RDR)
+    groups["TN"].reverse()
+    rest = [i for pair in zip_longest(groups["TP"], groups["TN"]) for i in pair if i is not None]
+    return (groups["FN"] + groups["FP"] + rest)[:n]
+
+
+def _render(path: Path, image: np.ndarray, heat: np.ndarray, title: str,
+            lesions: np.ndarray | None) -> None:
+    """Photo | Grad-CAM overlay (jet, 40%) side by side, lesion outlines when known."""
+    from matplotlib import colormaps
+    from matplotlib.figure import Figure
+
+    photo = np.clip(image, 0, 255) / 255.0
+    overlay = np.clip(0.6 * photo + 0.4 * colormaps["jet"](heat)[..., :3], 0.0, 1.0)
+    fig = Figure(figsize=(7.2, 3.9), layout="constrained")
+    for k, (shown, label) in enumerate(((photo, "photograph"), (overlay, "Grad-CAM: evidence for RDR"))):
+        ax = fig.add_subplot(1, 2, k + 1)
+        ax.imshow(shown, interpolation="bilinear")
+        if lesions is not None and lesions.any():
+            ax.contour(lesions, levels=[0.5], colors="white", linewidths=0.6)
+        ax.set_title(label, fontsize=9)
+        ax.set_axis_off()
+    fig.suptitle(title, fontsize=10)
+    fig.savefig(path, dpi=100)
+
+
+def _slug(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("._") or "image"
+
+
+def _write_index(out: Path, summary: dict[str, Any]) -> None:
+    rows = summary["images"]
+    parts = [f"<h1>Grad-CAM: {html.escape(summary['run'])}</h1><p>{html.escape(summary['source'])}; "
+             f"threshold {summary['threshold']:.3f}; maps explain RDR from layer "
+             f"<code>{html.escape(summary['layer'])}</code>, each scaled to its own maximum (red: "
+             "strongest evidence for RDR in that image). White outlines: known lesions.</p>"]
+    if summary.get("selection"):
+        parts.append(f"<p>Shown: {summary['n']} of {summary['n_split']} images: "
+                     f"{html.escape(summary['selection'])}.</p>")
+    if summary.get("pointing"):
+        parts.append(f"<p>Pointing game: {html.escape(summary['pointing_text'])}.</p>")
+    for key, heading, meaning in GROUPS:
+        group = [r for r in rows if r["group"] == key]
+        if not group:
+            continue
+        parts.append(f'<h2 id="{quote(key)}">{heading} ({len(group)}) <small>{meaning}</small></h2>')
+        if key == "error":
+            items = "".join(f"<li><b>{html.escape(r['name'])}</b> ({html.escape(r['file'])}): "
+                            f"{html.escape(r['error'])}</li>" for r in group)
+            parts.append(f'<ul class="errors">{items}</ul>')
+            continue
+        figs = "".join(
+            f'<figure data-p="{r["p_rdr"]:.6f}"><a href="{quote(r["png"])}"><img src="{quote(r["png"])}" '
+            f'alt="{html.escape(r["name"])}" loading="lazy"></a><figcaption>{html.escape(r["name"])}: '
+            f'P(RDR) {r["p_rdr"]:.3f}</figcaption></figure>' for r in group)
+        parts.append(f'<div class="group">{figs}</div>')
+    style = ("body{font-family:sans-serif;margin:1em 2em}.group{display:flex;flex-wrap:wrap;gap:8px}"
+             "figure{margin:0;width:460px}img{width:100%}figcaption{font-size:90%}small{color:#666}")
+    page = (f'<!doctype html><html><head><meta charset="utf-8"><title>Grad-CAM '
+            f'{html.escape(summary["run"])}</title><style>{style}</style></head><body>'
+            + "\n".join(parts) + "</body></html>\n")
+    (out / "index.html").write_text(page, encoding="utf-8")
+
+
+def run_gradcam(run_dir: Path | str, out_dir: Path | str, data_dir: Path | str | None = None,
+                split: str = "test", images: Sequence[Path | str] = (), n: int = 16,
+                masks: Path | str | None = None, layer: str = FEATURE_LAYER,
+                tolerance: int | None = None) -> dict[str, Any]:
+    """Write a Grad-CAM gallery of a run to ``out_dir``: PNGs, ``index.html``, ``summary.json``.
+
+    Either raw photographs ``images`` (every one is shown; unreadable ones become error entries)
+    or ``n`` images of a prepared ``split`` of ``data_dir`` (default: the run's data), chosen as
+    ``SELECTION`` says. ``masks``: a ``drtune synth`` root; adds lesion outlines to the gallery and
+    the pointing score (on the synth split ``split`` came from) to the summary. Returns the summary.
+    """
+    from drtune import data
+    from drtune.evaluate import load_run, model_inputs
+    from drtune.prepare import load_meta
+    from drtune.synth import SYNTH_LAYOUT, mask_path
+    from drtune.train import write_json
+
+    if images and data_dir is not None:
+        raise InputError("give either --data/--split or IMAGE..., not both")
+    if n < 1:
+        raise InputError(f"--n {n}: must be >= 1")
+    model, info, run_metrics = load_run(run_dir)
+    _grad_model(model, layer, str(Path(run_dir) / "model.keras"))  # fail before any work
+    threshold = float(run_metrics["threshold"])
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    summary: dict[str, Any] = {"run": str(run_dir), "threshold": threshold, "layer": layer}
+    if images:
+        paths = [Path(p) for p in images]
+        batch, errors = model_inputs(paths, info)
+        names, files, labels = [p.stem for p in paths], [str(p) for p in paths], [None] * len(paths)
+        summary.update(source=f"{len(paths)} photograph(s)", n_split=len(paths))
+        synth_split = "test"
+    else:
+        if split not in ("train", "val", "test"):
+            raise InputError(f"--split {split!r}: must be train, val or test")
+        data_dir = Path(data_dir or info["data_dir"])
+        meta = load_meta(data_dir)
+        if int(meta["size"]) != int(info["size"]):
+            raise InputError(f"{data_dir}: images are {meta['size']} px but {run_dir} was trained "
+                             f"on {info['size']} px")
+        size = info["input_size"] if info["input_size"] != info["size"] else None
+        ds = data.eval_dataset(data_dir, split, 32, cache=False, image_size=size, meta=meta)
+        y = data.split_labels(data_dir, split, meta)
+        p_all = model.predict(ds, verbose=0)[:, RDR]
+        pick = _choose(y, p_all, threshold, n)
+        slot, seen = {j: k for k, j in enumerate(pick)}, 0
+        batch = np.zeros((len(pick),) + tuple(model.input_shape[1:]), np.float32)
+        for b, _ in ds:  # a second pass keeps only the chosen images in memory
+            for j, image in enumerate(b.numpy(), start=seen):
+                if j in slot:
+                    batch[slot[j]] = image
+            seen += len(b)
+        errors = [None] * len(pick)
+        split_names = data.split_names(data_dir, split, meta)
+        names = [split_names[i] for i in pick]
+        files, labels = [f"{data_dir}:{split}"] * len(pick), [int(y[i]) for i in pick]
+        summary.update(source=f"{split} split of {data_dir}", split=split, data_dir=str(data_dir),
+                       n_split=len(y), selection=SELECTION)
+        synth_split = "test" if split == "test" else "train"
+    ok = [i for i, e in enumerate(errors) if e is None]
+    maps, p_ok = _cams(model, batch[ok], RDR, layer, 16)
+    heat, p = dict(zip(ok, maps)), dict(zip(ok, p_ok))
+    rows: list[dict[str, Any]] = []
+    for i, name in enumerate(names):
+        if errors[i] is not None:
+            logging.warning("%s: %s", files[i], errors[i])
+            rows.append({"name": name, "file": files[i], "group": "error", "error": errors[i],
+                         "p_rdr": None, "decision": None, "truth": None, "png": None})
+            continue
+        decision = int(p[i] >= threshold)
+        rows.append({"name": name, "file": files[i], "group": _group(labels[i], decision),
+                     "error": None, "p_rdr": float(p[i]), "decision": CLASS_NAMES[decision],
+                     "truth": None if labels[i] is None else CLASS_NAMES[labels[i]], "i": i})
+    order = {g[0]: k for k, g in enumerate(GROUPS)}
+    rows.sort(key=lambda r: (order[r["group"]], -(r["p_rdr"] if r["p_rdr"] is not None else 0)))
+    photos = Path(masks) / SYNTH_LAYOUT[synth_split][0] if masks is not None else None
+    for rank, r in enumerate(rows):
+        i = r.pop("i", None)
+        if i is None:
+            continue
+        r["png"] = f"{rank:03d}-{_slug(r['name'])}.png"
+        truth = f"; truth {r['truth']} ({r['group']})" if r["truth"] else ""
+        title = f"{r['name']}: P(RDR) {r['p_rdr']:.3f} -> {r['decision']} (threshold {threshold:.3f}){truth}"
+        lesions = None
+        photo = photos / f"{r['name']}.jpg" if photos is not None else None
+        if photo is not None and photo.is_file():
+            lesions = lesion_masks(photo, mask_path(Path(masks), synth_split, r["name"]), info, 0)[0]
+        _render(out / r["png"], batch[i], heat[i], title, lesions)
+    summary.update(n=len(rows), images=rows,
+                   groups={g[0]: sum(r["group"] == g[0] for r in rows) for g in GROUPS})
+    if masks is not None:
+        score = pointing_score(model, masks, synth_split, info, threshold, layer, tolerance)
+        summary["pointing"] = score
+        summary["pointing_text"] = (
+            "n/a (no correctly classified RDR image)" if not score["n"] else
+            f"hit rate {score['hit_rate']:.2f} vs {score['baseline']:.2f} for a random peak, energy "
+            f"share {score['energy_share']:.2f}, over {score['n']} correctly classified RDR images of "
+            f"the synth {synth_split} split (lesions dilated by {score['tolerance_px']} px)")
+        logging.info("pointing game: %s", summary["pointing_text"])
+    _write_index(out, summary)
+    write_json(out / "summary.json", summary)
+    logging.info("wrote %d Grad-CAM image(s) and %s", sum(r["png"] is not None for r in rows),
+                 out / "index.html")
+    return summary
+
+
+def gallery_artifacts(out_dir: Path | str) -> list[Path]:
+    """The files of a gallery worth uploading (``index.html`` and its PNGs), for the search service."""
+    out = Path(out_dir)
+    if not (out / "index.html").is_file() or not (out / "summary.json").is_file():
+        raise InputError(f"{out}: no Grad-CAM gallery (run 'drtune gradcam' first)")
+    rows = json.loads((out / "summary.json").read_text())["images"]
+    return [out / "index.html"] + [out / r["png"] for r in rows if r["png"] and (out / r["png"]).is_file()]

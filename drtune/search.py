@@ -1,0 +1,434 @@
+"""The Optuna search service: storage, samplers, pruners, the objective, artifacts, finetune.
+
+Each trial samples its parameters in one place (:func:`sample`), trains through
+``train_and_evaluate`` with a pruning callback, and returns its best validation balanced
+accuracy. Studies live in a SQL store (SQLite by default, PostgreSQL for many workers) with
+heartbeats, so a killed trial is failed and retried — and, because a trial's run directory is
+reused by its retry, the retry resumes training where the dead one stopped.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import optuna
+from absl import logging
+from optuna.artifacts import FileSystemArtifactStore, upload_artifact
+from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
+from optuna.trial import FrozenTrial, TrialState
+
+from drtune import config as config_lib
+from drtune.config import Config
+from drtune.errors import DrtuneError, InputError
+
+MONITOR = "val_balanced_accuracy"
+STORAGE_ENV = "DRTUNE_STORAGE"
+
+# Heartbeats and the retry callback are what make killed trials recoverable; Optuna still labels
+# them experimental, which is worth knowing once, not at every command.
+warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+
+
+# --------------------------------------------------------------------------- storage
+
+
+def storage_url(cfg: Config, override: str | None = None) -> str:
+    """``--storage``, else ``$DRTUNE_STORAGE``, else the config, else SQLite under the workdir."""
+    url = override or os.environ.get(STORAGE_ENV) or cfg.search.storage
+    return url or f"sqlite:///{Path(cfg.search.workdir) / 'optuna.db'}"
+
+
+def redact(url: str) -> str:
+    """The URL with any password masked, for messages and logs."""
+    from sqlalchemy.engine import make_url
+
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except Exception:  # noqa: BLE001 - an unparsable URL is reported by the caller
+        return url.split("@")[-1]
+
+
+def open_storage(cfg: Config, override: str | None = None) -> RDBStorage:
+    """An RDB storage with heartbeats and retry of dead trials; clear errors for bad URLs."""
+    import sqlalchemy.exc
+
+    url = storage_url(cfg, override)
+    engine_kwargs: dict[str, Any]
+    if url.startswith("sqlite"):
+        # Several processes may share the file: wait for the lock rather than fail at once.
+        engine_kwargs = {"connect_args": {"timeout": 60}}
+        path = url.split("///", 1)[-1]
+        if path and path != ":memory:":
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+    else:
+        engine_kwargs = {"pool_pre_ping": True}
+    try:
+        return RDBStorage(
+            url, engine_kwargs=engine_kwargs, heartbeat_interval=cfg.search.heartbeat_interval,
+            grace_period=cfg.search.grace_period,
+            heartbeat_stale_trial_callback=_RetryUnlessDone(cfg.search.max_retry))
+    except (sqlalchemy.exc.ArgumentError, sqlalchemy.exc.NoSuchModuleError, ValueError) as exc:
+        raise InputError(f"storage {redact(url)}: not a usable database URL ({exc})") from None
+    except sqlalchemy.exc.OperationalError as exc:
+        reason = str(exc.orig).strip().splitlines()[0] if exc.orig else "connection failed"
+        raise DrtuneError(f"storage {redact(url)}: cannot connect ({reason})") from None
+
+
+class _RetryUnlessDone:
+    """Retry a dead trial with the same parameters, unless they already ran elsewhere.
+
+    A trial killed just before a re-run may be seen as alive until its grace period ends, so a
+    grid can hand its point to another trial meanwhile; retrying it then would run it twice.
+    """
+
+    def __init__(self, max_retry: int) -> None:
+        self._retry = RetryHeartbeatStaleTrialCallback(max_retry, inherit_intermediate_values=True)
+
+    def __call__(self, study: optuna.Study, trial: FrozenTrial) -> None:
+        live = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING, TrialState.WAITING)
+        if any(t.params == trial.params and t.number != trial.number
+               for t in study.get_trials(deepcopy=False, states=live)):
+            logging.info("trial %d died; its parameters ran in another trial, not retrying", trial.number)
+            return
+        logging.warning("trial %d died (no heartbeat); retrying it with the same parameters", trial.number)
+        self._retry(study, trial)
+
+
+def study_name(cfg: Config, override: str | None = None) -> str:
+    return override or cfg.search.study or cfg.name
+
+
+def artifact_dir(cfg: Config) -> Path:
+    return Path(cfg.search.workdir) / "artifacts"
+
+
+def load_study(cfg: Config, storage: str | None = None, name: str | None = None) -> optuna.Study:
+    """An existing study, or a clear error listing the studies that the storage holds."""
+    store = open_storage(cfg, storage)
+    name = study_name(cfg, name)
+    try:
+        return optuna.load_study(study_name=name, storage=store)
+    except KeyError:
+        names = [s.study_name for s in optuna.get_all_study_summaries(store)]
+        raise InputError(f"storage {redact(storage_url(cfg, storage))} has no study {name!r} "
+                         f"(studies: {', '.join(names) or 'none'}); run 'drtune search' first") from None
+
+
+# --------------------------------------------------------------------------- sampling
+
+
+def grid_space(cfg: Config) -> dict[str, list[Any]]:
+    if not cfg.search.grid:
+        raise InputError(f"config {cfg.name!r} has no [search.grid] section; drop --grid to use TPE")
+    return {k: list(v) for k, v in cfg.search.grid.items()}
+
+
+def sample(trial: optuna.Trial, cfg: Config, grid: bool) -> Config:
+    """The one place where a trial's parameters are drawn; returns the trial's config."""
+    values: dict[str, Any] = {}
+    if grid:
+        for key, choices in cfg.search.grid.items():
+            values[key] = trial.suggest_categorical(key, choices)
+    else:
+        for key, spec in cfg.search.space.items():
+            if "choices" in spec:
+                values[key] = trial.suggest_categorical(key, spec["choices"])
+            elif isinstance(config_lib._get(cfg, key), int):
+                values[key] = trial.suggest_int(key, int(spec["low"]), int(spec["high"]),
+                                                step=int(spec.get("step", 1)), log=bool(spec.get("log", False)))
+            else:
+                values[key] = trial.suggest_float(key, float(spec["low"]), float(spec["high"]),
+                                                  step=spec.get("step"), log=bool(spec.get("log", False)))
+        if not values:
+            raise InputError(f"config {cfg.name!r} has no [search.space] section to sample from")
+    return config_lib.replace(cfg, **values)
+
+
+def make_pruner(cfg: Config) -> optuna.pruners.BasePruner:
+    s = cfg.search
+    if s.pruner == "median":
+        return optuna.pruners.MedianPruner(n_startup_trials=s.pruner_startup_trials,
+                                           n_warmup_steps=s.pruner_warmup_epochs)
+    if s.pruner == "hyperband":
+        return optuna.pruners.HyperbandPruner(min_resource=max(1, s.pruner_warmup_epochs),
+                                              max_resource=cfg.train.epochs)
+    if s.pruner == "successive_halving":
+        return optuna.pruners.SuccessiveHalvingPruner(min_resource=max(1, s.pruner_warmup_epochs))
+    return optuna.pruners.NopPruner()
+
+
+def make_sampler(cfg: Config, grid: bool) -> optuna.samplers.BaseSampler:
+    if grid:
+        return optuna.samplers.GridSampler(grid_space(cfg), seed=cfg.search.sampler_seed)
+    return optuna.samplers.TPESampler(seed=cfg.search.sampler_seed)
+
+
+# --------------------------------------------------------------------------- objective
+
+
+def _trial_attrs_callback(trial: optuna.Trial) -> Any:
+    """A Keras callback recording progress on the trial each epoch, so pruned trials keep it."""
+    import keras
+
+    class TrialAttrs(keras.callbacks.Callback):
+        def on_epoch_begin(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
+            self.t0 = time.monotonic()
+
+        def on_epoch_end(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
+            logs = logs or {}
+            trial.set_user_attr("epochs_run", epoch + 1)
+            trial.set_user_attr("seconds_per_epoch", round(time.monotonic() - self.t0, 3))
+            auc = logs.get("val_auc")
+            if auc is not None and auc == auc:  # NaN when one class is missing
+                trial.set_user_attr("val_auc", float(auc))
+
+    return TrialAttrs()
+
+
+def _run_dir(trial: optuna.Trial, cfg: Config, name: str) -> Path:
+    """The trial's run directory; a retried trial reuses its dead predecessor's to resume."""
+    frozen = next(t for t in trial.study.get_trials(deepcopy=False) if t.number == trial.number)
+    history = frozen.system_attrs.get("retry_history", [])  # set by the retry callback
+    number = history[0] if history else trial.number
+    return Path(cfg.search.workdir) / name / f"trial-{number:04d}"
+
+
+def _upload(store: FileSystemArtifactStore, target: Any, paths: list[Path]) -> None:
+    for path in paths:
+        if path.is_file():
+            upload_artifact(artifact_store=store, file_path=str(path), study_or_trial=target)
+
+
+def _hparams(cfg: Config, name: str, trial: optuna.Trial, value: float, state: str) -> None:
+    """TensorBoard HParams summary of a trial, the original project's way to compare a grid."""
+    import tensorflow as tf
+    from tensorboard.plugins.hparams import api as hp
+
+    logdir = Path(cfg.search.workdir) / name / "hparams" / f"trial-{trial.number:04d}"
+    with tf.summary.create_file_writer(str(logdir)).as_default():
+        hp.hparams({k: v for k, v in trial.params.items()}, trial_id=f"trial-{trial.number:04d}")
+        tf.summary.scalar(MONITOR, value, step=1)
+        tf.summary.text("state", state, step=1)
+
+
+@dataclass
+class Objective:
+    """Callable objective of a study: trains one trial, returns best val balanced accuracy."""
+
+    cfg: Config
+    data_dir: Path
+    grid: bool
+    name: str
+    store: FileSystemArtifactStore
+
+    def __call__(self, trial: optuna.Trial) -> float:
+        import keras
+        from optuna_integration import KerasPruningCallback
+
+        from drtune import metrics
+        from drtune.train import TrainingDiverged, train_and_evaluate
+
+        cfg = sample(trial, self.cfg, self.grid)
+        keras.backend.clear_session()  # one process runs many trials: free the last graph
+        run = _run_dir(trial, cfg, self.name)
+        trial.set_user_attr("run_dir", str(run))
+        logging.info("trial %d: %s -> %s", trial.number,
+                     " ".join(f"{k}={v}" for k, v in trial.params.items()), run)
+        callbacks = [_trial_attrs_callback(trial), KerasPruningCallback(trial, MONITOR)]
+        try:
+            result = train_and_evaluate(cfg, self.data_dir, run, callbacks=callbacks)
+        except optuna.TrialPruned:
+            last = trial.user_attrs.get("epochs_run", 0)
+            self._artifacts(trial, run, None)
+            _hparams(self.cfg, self.name, trial, _last_value(run), "pruned")
+            logging.info("trial %d pruned after %d epoch(s)", trial.number, last)
+            raise
+        except TrainingDiverged as exc:
+            # A diverging learning rate is a bad point of the space, not a broken worker:
+            # record it as pruned so the study goes on and the reason stays visible.
+            trial.set_user_attr("diverged", str(exc))
+            logging.warning("trial %d diverged; pruned", trial.number)
+            raise optuna.TrialPruned(str(exc)) from None
+        value = float(result["val_balanced_accuracy"])
+        trial.set_user_attr("epochs_run", result["epochs_run"])
+        trial.set_user_attr("best_epoch", result["best_epoch"])
+        trial.set_user_attr("threshold", result["threshold"])
+        trial.set_user_attr("seconds", round(result["seconds"], 1))
+        if result.get("val_auc") is not None:
+            trial.set_user_attr("val_auc", result["val_auc"])
+        metrics.plot_confusion_matrix(result["val"]["confusion_matrix"], run / "val_confusion_matrix.png",
+                                      f"trial {trial.number}: validation at threshold {result['threshold']:.3f}")
+        self._artifacts(trial, run, result)
+        _hparams(self.cfg, self.name, trial, value, "complete")
+        return value
+
+    def _artifacts(self, trial: optuna.Trial, run: Path, result: dict[str, Any] | None) -> None:
+        from drtune import metrics
+
+        if (run / "history.csv").is_file() and not (run / "history.png").is_file():
+            try:
+                metrics.plot_history(run / "history.csv", run / "history.png")
+            except ValueError:
+                pass
+        _upload(self.store, trial, [run / "val_confusion_matrix.png", run / "history.png",
+                                    run / "history.csv", run / "config.json"])
+
+
+def _last_value(run: Path) -> float:
+    import csv
+
+    try:
+        with (run / "history.csv").open() as f:
+            rows = list(csv.DictReader(f))
+        return float(rows[-1][MONITOR])
+    except (OSError, IndexError, KeyError, ValueError):
+        return float("nan")
+
+
+# --------------------------------------------------------------------------- search
+
+
+def _log_trial(study: optuna.Study, trial: FrozenTrial) -> None:
+    value = "-" if trial.value is None else f"{trial.value:.4f}"
+    best = "-"
+    try:
+        best = f"{study.best_value:.4f} (trial {study.best_trial.number})"
+    except ValueError:
+        pass
+    logging.info("trial %d %s: value %s, %s epoch(s); best so far %s", trial.number,
+                 trial.state.name, value, trial.user_attrs.get("epochs_run", 0), best)
+
+
+def search(cfg: Config, data_dir: Path | str | None = None, grid: bool = False,
+           storage: str | None = None, name: str | None = None, n_trials: int | None = None,
+           timeout: float | None = None) -> optuna.Study:
+    """Run (or resume) a study; a grid stops when every point has finished once."""
+    from drtune.prepare import load_meta
+    from drtune.train import resolve_data_dir
+
+    data = resolve_data_dir(cfg, data_dir).resolve()
+    load_meta(data)  # fail now, not in the first trial
+    if grid:
+        grid_space(cfg)
+    elif not cfg.search.space:
+        raise InputError(f"config {cfg.name!r} has no [search.space] section; use --grid for its grid")
+    name = study_name(cfg, name)
+    store = open_storage(cfg, storage)
+    optuna.logging.set_verbosity(optuna.logging.WARNING)  # drtune logs each trial itself
+    study = optuna.create_study(study_name=name, storage=store, direction="maximize",
+                                sampler=make_sampler(cfg, grid), pruner=make_pruner(cfg),
+                                load_if_exists=True)
+    study.set_user_attr("config", config_lib.to_dict(cfg))
+    study.set_user_attr("data_dir", str(data))
+    artifacts = artifact_dir(cfg)
+    artifacts.mkdir(parents=True, exist_ok=True)
+    objective = Objective(cfg, data, grid, name, FileSystemArtifactStore(str(artifacts)))
+    optuna.storages.fail_stale_trials(study)  # trials of a killed earlier run, if stale already
+    budget = n_trials if n_trials is not None else (None if grid else cfg.search.n_trials)
+    timeout = timeout if timeout is not None else (cfg.search.timeout or None)
+    logging.info("study %r in %s: %s, pruner %s", name, redact(storage_url(cfg, storage)),
+                 f"grid of {_grid_size(cfg)} points" if grid else f"TPE, {budget} trial(s)", cfg.search.pruner)
+    started = time.monotonic()
+    if grid and not _unfinished_points(study, cfg) and not _waiting(study):
+        logging.info("study %r: every grid point has finished already; nothing to run", name)
+        _summary(study, grid, cfg)
+        return study
+    while True:
+        # GridSampler stops the study when its last point finishes; retries of trials that
+        # died (waiting in the queue) then still need a pass of their own.
+        study.optimize(objective, n_trials=budget, timeout=timeout, callbacks=[_log_trial],
+                       catch=(), gc_after_trial=True)
+        if not _waiting(study) or (timeout and time.monotonic() - started > timeout) or budget is not None:
+            break
+    _summary(study, grid, cfg)
+    return study
+
+
+def _waiting(study: optuna.Study) -> list[FrozenTrial]:
+    return study.get_trials(deepcopy=False, states=(TrialState.WAITING,))
+
+
+def _unfinished_points(study: optuna.Study, cfg: Config) -> list[dict[str, Any]]:
+    """Grid points without a finished (COMPLETE, PRUNED or FAIL) trial."""
+    import itertools
+
+    keys = list(cfg.search.grid)
+    finished = {tuple(t.params.get(k) for k in keys) for t in study.get_trials(
+        deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL))}
+    return [dict(zip(keys, point)) for point in itertools.product(*cfg.search.grid.values())
+            if point not in finished]
+
+
+def _grid_size(cfg: Config) -> int:
+    size = 1
+    for values in cfg.search.grid.values():
+        size *= len(values)
+    return size
+
+
+def _summary(study: optuna.Study, grid: bool, cfg: Config) -> None:
+    states = [t.state for t in study.get_trials(deepcopy=False)]
+    counts = {s.name: states.count(s) for s in TrialState if states.count(s)}
+    logging.info("study %r: %s", study.study_name, ", ".join(f"{n} {k.lower()}" for k, n in counts.items()))
+    if grid:
+        done = {tuple(sorted(t.params.items())) for t in study.get_trials(
+            deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED))}
+        logging.info("grid: %d of %d points finished", len(done), _grid_size(cfg))
+    try:
+        best = study.best_trial
+        logging.info("best: trial %d, value %.4f, %s", best.number, best.value,
+                     " ".join(f"{k}={v}" for k, v in best.params.items()))
+    except ValueError:
+        logging.warning("no trial completed")
+
+
+# --------------------------------------------------------------------------- finetune
+
+
+def finetune_best(cfg: Config, storage: str | None = None, name: str | None = None,
+                  data_dir: Path | str | None = None) -> dict[str, Any]:
+    """Retrain the best COMPLETE trial from its best checkpoint with the [finetune] settings,
+    evaluate on the test split and record the result on the study."""
+    from drtune.evaluate import evaluate_run
+    from drtune.train import train_and_evaluate
+
+    study = load_study(cfg, storage, name)
+    try:
+        best = study.best_trial
+    except ValueError:
+        raise InputError(f"study {study.study_name!r} has no completed trial to fine-tune; "
+                         "run 'drtune search' until one completes") from None
+    run = Path(best.user_attrs["run_dir"])
+    if not (run / "model.keras").is_file() or not (run / "config.json").is_file():
+        raise InputError(f"{run}: best trial {best.number} has no model.keras/config.json to start from")
+    trial_cfg = config_lib.from_dict(json.loads((run / "config.json").read_text()), str(run / "config.json"))
+    ft = cfg.finetune
+    ft_cfg = config_lib.replace(trial_cfg, **{"train.lr": ft.lr, "train.epochs": ft.epochs,
+                                              "data.augment": ft.augment, "finetune.lr": ft.lr,
+                                              "finetune.epochs": ft.epochs, "finetune.augment": ft.augment})
+    data = Path(data_dir) if data_dir else Path(trial_cfg.data.dir)
+    out = Path(cfg.search.workdir) / study.study_name / f"finetune-trial-{best.number:04d}"
+    logging.info("fine-tuning trial %d (value %.4f) from %s: lr %g, %d epochs, %s augmentation -> %s",
+                 best.number, best.value, run / "model.keras", ft.lr, ft.epochs, ft.augment, out)
+    import keras
+
+    keras.backend.clear_session()
+    result = train_and_evaluate(ft_cfg, data, out, init_model=run / "model.keras")
+    test = evaluate_run(out, data, "test")
+    summary = {
+        "trial": best.number, "run_dir": str(out), "params": best.params,
+        "val_balanced_accuracy": result["val_balanced_accuracy"], "threshold": result["threshold"],
+        "test": {k: test[k] for k in ("balanced_accuracy", "accuracy", "auc", "sensitivity",
+                                      "specificity", "n", "confusion_matrix", "ci95")},
+    }
+    study.set_user_attr("finetune", summary)
+    store = FileSystemArtifactStore(str(artifact_dir(cfg)))
+    _upload(store, study, [out / "eval-test" / "confusion_matrix.png", out / "eval-test" / "roc.png",
+                           out / "eval-test" / "metrics.json", out / "history.png"])
+    return summary

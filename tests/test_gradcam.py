@@ -1,0 +1,229 @@
+"""Grad-CAM: heatmaps on hand-built models, the gallery on a tiny run, the pointing score."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from pathlib import Path
+from urllib.parse import unquote
+
+import numpy as np
+import pytest
+
+from drtune import gradcam
+from drtune.config import ModelConfig, load_config
+from drtune.errors import InputError
+from drtune.evaluate import load_run
+from drtune.model import FEATURE_LAYER, build_model
+from drtune.synth import TEST_IMAGES
+from drtune.train import train_and_evaluate
+
+SPOT = (slice(4, 9), slice(20, 25))  # rows, columns of the red spot in `_spot_image`
+
+
+def _colour_model(separate_softmax: bool = False):
+    """A model whose RDR evidence is redness: features = ReLU(red, green) at full resolution,
+    logit(RDR) = mean red, logit(NRDR) = mean green. Its Grad-CAM is known exactly."""
+    import keras
+
+    inputs = keras.Input((32, 32, 3))
+    x = keras.layers.Conv2D(2, 1, use_bias=False, name="colour")(inputs)
+    x = keras.layers.ReLU(name=FEATURE_LAYER)(x)
+    x = keras.layers.GlobalAveragePooling2D()(x)
+    dense = keras.layers.Dense(2, activation=None if separate_softmax else "softmax", name="probs")
+    x = dense(x)
+    if separate_softmax:  # no dense softmax head: heatmaps fall back to log-probabilities
+        x = keras.layers.Softmax()(x)
+    model = keras.Model(inputs, x)
+    model.get_layer("colour").set_weights([np.array([[1, 0], [0, 1], [0, 0]], np.float32)[None, None] / 255])
+    dense.set_weights([np.array([[0, 1], [1, 0]], np.float32), np.zeros(2, np.float32)])
+    return model
+
+
+def _spot_image() -> np.ndarray:
+    image = np.zeros((32, 32, 3), np.float32)
+    image[..., 1] = 100.0  # green background: evidence for NRDR
+    image[SPOT] = (255.0, 0.0, 0.0)  # one red spot: evidence for RDR
+    return image
+
+
+@pytest.mark.parametrize("separate_softmax", [False, True])
+def test_heatmaps_locate_known_evidence(separate_softmax: bool) -> None:
+    model = _colour_model(separate_softmax)
+    images = np.stack([_spot_image(), np.zeros((32, 32, 3), np.float32), _spot_image()[::-1]])
+    rdr = gradcam.heatmaps(model, images, batch_size=2)
+    nrdr = gradcam.heatmaps(model, images, class_index=0)
+    assert rdr.shape == nrdr.shape == (3, 32, 32) and rdr.dtype == np.float32
+    for maps in (rdr, nrdr):
+        assert np.all(np.isfinite(maps)) and maps.min() >= 0.0 and maps.max() <= 1.0
+    # RDR evidence is the red spot: the map peaks there (at 1) and is zero on the background.
+    assert rdr[0][SPOT].min() == pytest.approx(1.0, abs=1e-5)
+    assert rdr[0][20:, :].max() == 0.0
+    # NRDR evidence is the green background: zero on the spot, the reverse of the RDR map.
+    assert nrdr[0][SPOT].max() == 0.0 and nrdr[0][20:, :].min() == pytest.approx(1.0, abs=1e-5)
+    np.testing.assert_array_equal(rdr[1], 0.0)  # a black image holds no evidence at all
+    # None means RDR; maps follow the image (the flipped spot moves the peak).
+    np.testing.assert_allclose(gradcam.heatmaps(model, images, class_index=1), rdr, atol=1e-6)
+    np.testing.assert_allclose(rdr[2], rdr[0][::-1], atol=1e-6)
+
+
+def test_heatmaps_on_the_drtune_model() -> None:
+    import keras
+
+    keras.utils.set_random_seed(0)
+    model = build_model(ModelConfig(width=4), input_size=64)
+    images = np.random.default_rng(0).uniform(0, 255, (5, 64, 64, 3)).astype(np.float32)
+    one, two = gradcam.heatmaps(model, images, 1), gradcam.heatmaps(model, images, 0, batch_size=2)
+    assert one.shape == (5, 64, 64)
+    assert np.all(np.isfinite(one)) and 0.0 <= one.min() and one.max() <= 1.0
+    assert np.abs(one - two).max() > 0.1  # the two classes' maps differ
+    np.testing.assert_allclose(gradcam.heatmaps(model, images[:2]), one[:2], atol=1e-5)
+    # An earlier stage gives a map at the same (input) size.
+    assert gradcam.heatmaps(model, images[:1], layer="stage2_block1_add").shape == (1, 64, 64)
+
+
+def test_model_without_feature_layer() -> None:
+    import keras
+
+    inputs = keras.Input((16, 16, 3))
+    x = keras.layers.Conv2D(2, 3, name="conv")(inputs)
+    model = keras.Model(inputs, keras.layers.Dense(2, activation="softmax")(keras.layers.Flatten()(x)))
+    with pytest.raises(InputError, match="no layer 'features'"):
+        gradcam.heatmaps(model, np.zeros((1, 16, 16, 3), np.float32))
+    with pytest.raises(InputError, match="no layer 'nope'"):
+        gradcam.heatmaps(_colour_model(), np.zeros((1, 32, 32, 3), np.float32), layer="nope")
+    with pytest.raises(InputError, match="class_index 2"):
+        gradcam.heatmaps(_colour_model(), np.zeros((1, 32, 32, 3), np.float32), class_index=2)
+
+
+# --------------------------------------------------------------------------- gallery
+
+
+@pytest.fixture(scope="module")
+def run(prepared: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("runs") / "run"
+    cfg = load_config(None, ["model.width=4", "data.image_size=48", "train.batch_size=4",
+                             "train.steps_per_epoch=4", "train.epochs=2"])
+    train_and_evaluate(cfg, prepared, out)
+    return out
+
+
+def _links(index: Path) -> list[str]:
+    return [unquote(m) for m in re.findall(r'(?:href|src)="([^"]+)"', index.read_text())]
+
+
+def test_gallery_of_a_split(run: Path, prepared: Path, tmp_path: Path) -> None:
+    from drtune import data
+
+    out = tmp_path / "gallery"
+    summary = gradcam.run_gradcam(run, out, split="test", n=6)
+    index = out / "index.html"
+    links = _links(index)
+    pngs = sorted(p.name for p in out.glob("*.png"))
+    assert len(pngs) == summary["n"] == 6
+    assert links and all((out / link).is_file() for link in links)  # relative, nothing dangling
+    assert sorted(set(links)) == pngs
+    assert json.loads((out / "summary.json").read_text())["images"] == summary["images"]
+    # Groups in the page are those of the summary; within each, P(RDR) descends.
+    page = index.read_text()
+    for key, heading, _ in gradcam.GROUPS:
+        assert (f"{heading} ({summary['groups'][key]})" in page) == (summary["groups"][key] > 0)
+    blocks = re.findall(r'<h2 id="(\w+)">.*?</h2><div class="group">(.*?)</div>', page)
+    assert [k for k, _ in blocks] == [k for k, *_ in gradcam.GROUPS if summary["groups"][k]]
+    for _, block in blocks:
+        ps = [float(v) for v in re.findall(r'data-p="([0-9.]+)"', block)]
+        assert ps == sorted(ps, reverse=True)
+    # Decisions and groups agree with the run's threshold and the labels.
+    th = summary["threshold"]
+    for r in summary["images"]:
+        assert r["decision"] == ("RDR" if r["p_rdr"] >= th else "NRDR")
+        assert r["group"] == {("RDR", "RDR"): "TP", ("NRDR", "RDR"): "FP",
+                              ("RDR", "NRDR"): "FN", ("NRDR", "NRDR"): "TN"}[r["truth"], r["decision"]]
+    # Every error of the split is shown before any correct image.
+    model, info, _ = load_run(run)
+    y = data.split_labels(prepared, "test")
+    p = model.predict(data.eval_dataset(prepared, "test", image_size=48), verbose=0)[:, 1]
+    n_errors = int(np.sum((p >= th) != (y == 1)))
+    assert summary["groups"]["FP"] + summary["groups"]["FN"] == min(6, n_errors)
+    assert [a.name for a in gradcam.gallery_artifacts(out)] == ["index.html"] + pngs
+
+
+def test_gallery_of_photos_with_an_unreadable_file(run: Path, synth_root: Path, tmp_path: Path) -> None:
+    bad = tmp_path / "broken.jpg"
+    bad.write_text("not a photograph")
+    photos = sorted((synth_root / TEST_IMAGES).glob("*.jpg"))[:2]
+    out = tmp_path / "gallery"
+    summary = gradcam.run_gradcam(run, out, images=[photos[0], bad, photos[1]])
+    assert summary["n"] == 3 and summary["groups"]["error"] == 1
+    errors = [r for r in summary["images"] if r["group"] == "error"]
+    assert errors[0]["name"] == "broken" and "not an image" in errors[0]["error"]
+    assert errors[0]["png"] is None
+    page = (out / "index.html").read_text()
+    assert "Unreadable (1)" in page and "broken" in page and "not an image" in page
+    assert len(list(out.glob("*.png"))) == 2
+    assert all((out / link).is_file() for link in _links(out / "index.html"))
+    for r in summary["images"]:
+        if r["group"] != "error":
+            assert r["truth"] is None and r["group"] == f"{r['decision']}?"
+
+
+def test_bad_input(run: Path, prepared: Path, tmp_path: Path) -> None:
+    import keras
+
+    empty = tmp_path / "empty-run"
+    empty.mkdir()
+    with pytest.raises(InputError, match="no model.keras"):
+        gradcam.run_gradcam(empty, tmp_path / "g1")
+    with pytest.raises(InputError, match="not both"):
+        gradcam.run_gradcam(run, tmp_path / "g2", data_dir=prepared, images=["x.jpg"])
+    with pytest.raises(InputError, match="no Grad-CAM gallery"):
+        gradcam.gallery_artifacts(tmp_path)
+    # A run whose model lacks the feature layer: the message names the model file and the layer.
+    other = tmp_path / "other-run"
+    shutil.copytree(run, other)
+    inputs = keras.Input((48, 48, 3))
+    x = keras.layers.GlobalAveragePooling2D()(keras.layers.Conv2D(2, 3, name="conv")(inputs))
+    keras.Model(inputs, keras.layers.Dense(2, activation="softmax")(x)).save(other / "model.keras")
+    with pytest.raises(InputError, match=r"other-run/model.keras: no layer 'features'"):
+        gradcam.run_gradcam(other, tmp_path / "g3")
+    assert not (tmp_path / "g3").exists()
+
+
+def test_cli_gradcam(run: Path, tmp_path: Path, capsys) -> None:
+    from drtune.cli import build_parser, main
+
+    try:
+        build_parser().parse_args(["gradcam", str(run), "--out", str(tmp_path)])
+    except SystemExit:
+        pytest.skip("the gradcam subcommand is not wired into drtune.cli yet")
+    capsys.readouterr()
+    assert main(["gradcam", str(tmp_path / "nope"), "--out", str(tmp_path / "g")]) == 2
+    assert "run directory not found" in capsys.readouterr().err
+    assert main(["gradcam", str(run), "--n", "2", "--out", str(tmp_path / "g")]) == 0
+    assert (tmp_path / "g" / "index.html").is_file()
+
+
+# --------------------------------------------------------------------------- pointing
+
+
+def test_pointing_game_beats_random_peaks(tmp_path: Path) -> None:
+    """A model trained on synthetic photographs points at their lesions, far above chance."""
+    from drtune.prepare import PrepareOptions, find_idrid, prepare
+    from drtune.synth import make_synthetic
+
+    root = tmp_path / "synth"
+    make_synthetic(root, n_train=80, n_test=24, width=400, height=266, seed=0)
+    prepare(find_idrid(root), tmp_path / "data", PrepareOptions(size=128, workers=1, seed=0))
+    cfg = load_config(None, ["model.width=8", "train.batch_size=8", "train.epochs=20", "train.lr=3e-3"])
+    train_and_evaluate(cfg, tmp_path / "data", tmp_path / "run")
+    model, info, metrics = load_run(tmp_path / "run")
+    score = gradcam.pointing_score(model, root, "test", info, metrics["threshold"])
+    assert score["n_rdr"] == 12 and score["n"] >= 8  # most RDR test photos are found
+    assert 0.0 < score["baseline"] < 0.5
+    assert score["hit_rate"] > 0.5 and score["hit_rate"] >= score["baseline"] + 0.3, score
+    assert score["energy_share"] > score["baseline"], score
+    # Through run_gradcam: the score lands in summary.json and lesion outlines in the gallery.
+    summary = gradcam.run_gradcam(tmp_path / "run", tmp_path / "gallery", n=4, masks=root)
+    saved = json.loads((tmp_path / "gallery" / "summary.json").read_text())["pointing"]
+    assert saved["hit_rate"] == pytest.approx(score["hit_rate"]) and "hit rate" in summary["pointing_text"]

@@ -1,0 +1,267 @@
+"""The Optuna search service against a real SQLite file: grid, pruning, kill + resume,
+artifacts, finetune, status and a real optuna-dashboard server."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import optuna
+import pytest
+from optuna.artifacts import FileSystemArtifactStore, download_artifact, get_all_artifact_meta
+from optuna.trial import TrialState
+
+from drtune.cli import main
+from drtune.config import load_config
+from drtune.errors import InputError
+from drtune.search import artifact_dir, finetune_best, open_storage, search, storage_url
+
+TINY_STUDY = """\
+# drtune search --grid --config {path}   (test study, seconds)
+name = "tiny"
+
+[data]
+dir = "{data}"
+image_size = 32
+
+[model]
+width = 4
+
+[train]
+batch_size = 4
+epochs = {epochs}
+steps_per_epoch = 3
+eval_batch_size = 16
+checkpoint_every = 2
+
+[search]
+workdir = "{workdir}"
+pruner = "median"
+pruner_startup_trials = 1
+pruner_warmup_epochs = 0
+heartbeat_interval = 1
+grace_period = 2
+n_trials = 3
+
+[search.grid]
+"train.lr" = {lrs}
+
+[search.space]
+"train.lr" = {{ low = 1e-4, high = 1e-2, log = true }}
+"model.dropout" = {{ low = 0.0, high = 0.5 }}
+"data.augment" = {{ choices = ["none", "base"] }}
+
+[finetune]
+lr = 1e-5
+epochs = 2
+"""
+
+
+def study_file(tmp_path: Path, data: Path, epochs: int = 3, lrs: str = "[3e-3, 1e30]") -> Path:
+    path = tmp_path / "tiny.toml"
+    path.write_text(TINY_STUDY.format(path=path, data=data, workdir=tmp_path / "runs", epochs=epochs, lrs=lrs))
+    return path
+
+
+def trials_by_lr(study: optuna.Study) -> dict[float, list[optuna.trial.FrozenTrial]]:
+    out: dict[float, list] = {}
+    for t in study.get_trials():
+        out.setdefault(t.params["train.lr"], []).append(t)
+    return out
+
+
+@pytest.fixture(scope="module")
+def grid_study(prepared: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, optuna.Study]:
+    tmp = tmp_path_factory.mktemp("search")
+    path = study_file(tmp, prepared)
+    return path, search(load_config(path), grid=True)
+
+
+def test_grid_runs_every_point_once_with_attrs_and_artifacts(grid_study) -> None:
+    path, study = grid_study
+    cfg = load_config(path)
+    assert storage_url(cfg).startswith("sqlite:///") and (Path(cfg.search.workdir) / "optuna.db").is_file()
+    by_lr = trials_by_lr(study)
+    assert sorted(by_lr) == [3e-3, 1e30] and all(len(v) == 1 for v in by_lr.values())
+    good = by_lr[3e-3][0]
+    assert good.state == TrialState.COMPLETE
+    assert 0.0 <= good.value <= 1.0
+    assert good.value == pytest.approx(max(good.intermediate_values.values()))
+    assert sorted(good.intermediate_values) == [0, 1, 2]  # reported every epoch
+    attrs = good.user_attrs
+    assert attrs["epochs_run"] == 3 and Path(attrs["run_dir"]).is_dir()
+    assert attrs["seconds_per_epoch"] > 0 and "threshold" in attrs
+    assert (Path(attrs["run_dir"]) / "checkpoints" / "epoch-0002.keras").is_file()
+    store = FileSystemArtifactStore(str(artifact_dir(cfg)))
+    storage = open_storage(cfg)
+    metas = get_all_artifact_meta(good, storage=storage)
+    names = sorted(m.filename for m in metas)
+    assert names == ["config.json", "history.csv", "history.png", "val_confusion_matrix.png"]
+    config_meta = next(m for m in metas if m.filename == "config.json")
+    download_artifact(artifact_store=store, file_path=str(path.parent / "dl.json"),
+                      artifact_id=config_meta.artifact_id)
+    downloaded = json.loads((path.parent / "dl.json").read_text())
+    assert downloaded["train"]["lr"] == 3e-3
+    # TensorBoard HParams summaries, one run per trial.
+    hparams = Path(cfg.search.workdir) / "tiny" / "hparams"
+    assert sorted(p.name for p in hparams.iterdir()) == [f"trial-{t.number:04d}" for t in study.trials]
+
+
+def test_bad_learning_rate_is_pruned(grid_study) -> None:
+    _, study = grid_study
+    bad = trials_by_lr(study)[1e30][0]
+    assert bad.state == TrialState.PRUNED
+    assert bad.user_attrs["epochs_run"] < 3
+
+
+def test_rerun_of_finished_grid_runs_nothing(grid_study) -> None:
+    path, study = grid_study
+    before = len(study.trials)
+    again = search(load_config(path), grid=True)
+    assert len(again.trials) == before
+
+
+def test_status_lists_trials(grid_study, capsys) -> None:
+    path, study = grid_study
+    assert main(["status", "--config", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "study 'tiny'" in out and "PRUNED" in out and "COMPLETE" in out
+    assert f"best: trial {study.best_trial.number}" in out
+    assert "finetune: not run yet" in out
+
+
+def test_finetune_best_writes_test_metrics(grid_study, capsys) -> None:
+    path, study = grid_study
+    assert main(["finetune", "--best", "--config", str(path)]) == 0
+    assert "fine-tuned trial" in capsys.readouterr().out
+    study = optuna.load_study(study_name="tiny", storage=storage_url(load_config(path)))
+    ft = study.user_attrs["finetune"]
+    assert ft["trial"] == study.best_trial.number
+    run = Path(ft["run_dir"])
+    m = json.loads((run / "eval-test" / "metrics.json").read_text())
+    assert m["n"] == ft["test"]["n"] > 0 and m["balanced_accuracy"] == ft["test"]["balanced_accuracy"]
+    cfg = json.loads((run / "config.json").read_text())
+    assert cfg["train"]["lr"] == 1e-5 and cfg["data"]["augment"] == "strong" and cfg["train"]["epochs"] == 2
+    assert cfg["model"]["width"] == 4
+    names = sorted(m.filename for m in get_all_artifact_meta(study))
+    assert "roc.png" in names and "confusion_matrix.png" in names
+    assert main(["status", "--config", str(path)]) == 0
+    assert f"finetune of trial {ft['trial']}: test balanced accuracy" in capsys.readouterr().out
+
+
+def test_finetune_without_completed_trial(prepared: Path, tmp_path: Path, capsys) -> None:
+    path = study_file(tmp_path, prepared, lrs="[1e30]")
+    search(load_config(path), grid=True)
+    assert main(["finetune", "--best", "--config", str(path)]) == 2
+    assert "has no completed trial" in capsys.readouterr().err
+    with pytest.raises(InputError, match="no study 'other'.*studies: tiny"):
+        finetune_best(load_config(path), name="other")
+
+
+def test_tpe_search_runs_n_trials(prepared: Path, tmp_path: Path) -> None:
+    path = study_file(tmp_path, prepared, epochs=2)
+    study = search(load_config(path), grid=False, n_trials=2)
+    assert len(study.trials) == 2
+    for t in study.trials:
+        assert set(t.params) == {"train.lr", "model.dropout", "data.augment"}
+        assert 1e-4 <= t.params["train.lr"] <= 1e-2
+    # Resuming adds to the same study instead of starting over.
+    assert len(search(load_config(path), grid=False, n_trials=1).trials) == 3
+
+
+def _drtune(*args: str) -> list[str]:
+    return [sys.executable, "-m", "drtune", *args]
+
+
+def test_killed_search_resumes_and_completes_grid(prepared: Path, tmp_path: Path) -> None:
+    path = study_file(tmp_path, prepared, epochs=40, lrs="[3e-3, 1e-3]")
+    cfg = load_config(path)
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
+    cmd = _drtune("search", "--grid", "--config", str(path))
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    runs = Path(cfg.search.workdir) / "tiny"
+    deadline = time.monotonic() + 180
+    killed_run = None
+    while time.monotonic() < deadline and proc.poll() is None and killed_run is None:
+        for state in runs.glob("trial-*/checkpoints/state.json"):
+            try:
+                if json.loads(state.read_text())["epochs_done"] >= 3:
+                    killed_run = state.parents[1]
+            except (json.JSONDecodeError, OSError):
+                pass
+        time.sleep(0.05)
+    assert killed_run is not None and proc.poll() is None, proc.stderr.read().decode()[-3000:]
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    study = optuna.load_study(study_name="tiny", storage=storage_url(cfg))
+    assert [t.state for t in study.trials] == [TrialState.RUNNING]
+    time.sleep(cfg.search.grace_period + 1)  # the dead trial's heartbeat goes stale
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    study = optuna.load_study(study_name="tiny", storage=storage_url(cfg))
+    states = [t.state for t in study.trials]
+    assert TrialState.RUNNING not in states and TrialState.WAITING not in states
+    finished = [t for t in study.trials if t.state in (TrialState.COMPLETE, TrialState.PRUNED)]
+    assert sorted(t.params["train.lr"] for t in finished) == [1e-3, 3e-3]  # each point once
+    failed = [t for t in study.trials if t.state == TrialState.FAIL]
+    assert len(failed) == 1 and failed[0].number == 0
+    retry = next(t for t in finished if t.params == failed[0].params)
+    # The retry reused the dead trial's run directory and resumed its training.
+    assert retry.user_attrs["run_dir"] == str(killed_run)
+    assert "resuming after epoch" in done.stderr
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_dashboard_serves_the_study(grid_study) -> None:
+    path, study = grid_study
+    port = _free_port()
+    proc = subprocess.Popen(_drtune("dashboard", "--config", str(path), "--port", str(port)),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline, body = time.monotonic() + 60, None
+        while time.monotonic() < deadline and proc.poll() is None:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/studies", timeout=2) as r:
+                    body = json.loads(r.read())
+                break
+            except OSError:
+                time.sleep(0.3)
+        assert body is not None, proc.stderr.read() if proc.poll() is not None else "no answer"
+        studies = {s["study_name"]: s for s in body["studies"]}
+        assert "tiny" in studies
+        sid = studies["tiny"]["study_id"]
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/studies/{sid}?after=0", timeout=10) as r:
+            detail = json.loads(r.read())
+        assert len(detail["trials"]) == len(study.trials)
+        artifacts = [a for t in detail["trials"] for a in t.get("artifacts", [])]
+        assert any(a["filename"] == "history.png" for a in artifacts)
+        trial = next(t for t in detail["trials"] if t.get("artifacts"))
+        art = trial["artifacts"][0]
+        url = f"http://127.0.0.1:{port}/artifacts/{sid}/{trial['trial_id']}/{art['artifact_id']}"
+        with urllib.request.urlopen(url, timeout=10) as r:
+            assert r.status == 200 and len(r.read()) > 0
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+    assert f"http://127.0.0.1:{port}/" in proc.stdout.read()
+
+
+def test_storage_errors_are_clear(tmp_path: Path, capsys) -> None:
+    assert main(["status", "--storage", "nosuchdb://x", "--study", "s"]) == 2
+    assert "not a usable database URL" in capsys.readouterr().err
+    url = "postgresql+psycopg2://drtune:s3cret@127.0.0.1:1/optuna"
+    assert main(["status", "--storage", url, "--study", "s"]) == 1
+    err = capsys.readouterr().err
+    assert "127.0.0.1:1" in err and "cannot connect" in err and "s3cret" not in err
