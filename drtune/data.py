@@ -90,9 +90,8 @@ def _transforms(u: tf.Tensor, p: dict[str, Any], height: tf.Tensor, width: tf.Te
     return tf.stack([m00, m01, a2, m10, m11, b2, zero, zero], axis=1)
 
 
-@tf.function(jit_compile=True)
 def _warp(images: tf.Tensor, transforms: tf.Tensor, brightness: tf.Tensor) -> tf.Tensor:
-    """Affine bilinear warp with zero fill, times ``brightness`` [B], clipped: one XLA kernel.
+    """Affine bilinear warp with zero fill, times ``brightness`` [B], clipped (for XLA).
 
     Computes what ``ImageProjectiveTransformV3(interpolation='BILINEAR', fill_mode='CONSTANT',
     fill_value=0)`` computes for affine transforms (the tests check it), but 3-4x cheaper on
@@ -177,9 +176,18 @@ def augment(images: tf.Tensor, level: str, seed: tf.Tensor | None = None) -> tf.
     if p["saturation"] or p["contrast"]:
         images = _jitter(images, 1.0 + p["saturation"] * (2.0 * u[:, 6] - 1.0),
                          1.0 + p["contrast"] * (2.0 * u[:, 7] - 1.0))
-    lo, hi = p["brightness"]
-    out = _warp(images, _transforms(u, p, shape[1], shape[2]), lo + (hi - lo) * u[:, 8])
+    out = _geometry(images, u, level)
     return out[0] if single else out
+
+
+@tf.function(jit_compile=True)
+def _geometry(images: tf.Tensor, u: tf.Tensor, level: str) -> tf.Tensor:
+    # Parameters, transforms and warp in one XLA call: at batch 4 the dozens of small ops that
+    # build the transforms cost as much as the warp when run one by one.
+    p = _PARAMS[level]
+    shape = tf.shape(images)
+    lo, hi = p["brightness"]
+    return _warp(images, _transforms(u, p, shape[1], shape[2]), lo + (hi - lo) * u[:, 8])
 
 
 # --------------------------------------------------------------------------- reading

@@ -70,9 +70,12 @@ def _cams(model: Any, images: np.ndarray, class_index: int | None, layer: str,
     n_classes = int(model.output.shape[-1])
     if not 0 <= c < n_classes:
         raise InputError(f"class_index {class_index}: the model has {n_classes} classes")
-    maps, probs = [], []
-    for i in range(0, len(images), batch_size):
-        x = tf.constant(images[i:i + batch_size])
+
+    # A graph, not eager: eager backprop through a conv also computes the unused kernel
+    # gradient, which is wasted work and crashes oneDNN in TF 2.21 for narrow convs; graph
+    # pruning drops it.
+    @tf.function(reduce_retracing=True)
+    def step(x: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
         with tf.GradientTape() as tape:
             feats, pre = grad_model([x], training=False)
             logits = (tf.matmul(pre, head.kernel) + head.bias if head is not None
@@ -82,10 +85,15 @@ def _cams(model: Any, images: np.ndarray, class_index: int | None, layer: str,
         grads = tape.gradient(score, feats)  # images are independent: d(sum)/dA_b = d(score_b)/dA_b
         weights = tf.reduce_mean(grads, axis=[1, 2], keepdims=True)
         cam = tf.nn.relu(tf.reduce_sum(feats * weights, axis=-1, keepdims=True))
-        cam = tf.image.resize(cam, images.shape[1:3], method="bilinear")[..., 0].numpy()
+        cam = tf.image.resize(cam, tf.shape(x)[1:3], method="bilinear")[..., 0]
+        return cam, tf.nn.softmax(logits)[:, RDR]
+
+    maps, probs = [], []
+    for i in range(0, len(images), batch_size):
+        cam, p = (t.numpy() for t in step(tf.constant(images[i:i + batch_size])))
         peak = cam.max(axis=(1, 2), keepdims=True)
         maps.append(np.divide(cam, peak, out=np.zeros_like(cam), where=peak > 0))
-        probs.append(tf.nn.softmax(logits).numpy()[:, RDR])
+        probs.append(p)
     if not maps:
         return np.zeros((0,) + images.shape[1:3], np.float32), np.zeros(0, np.float32)
     return np.clip(np.concatenate(maps), 0.0, 1.0), np.concatenate(probs)
@@ -270,20 +278,46 @@ def _write_index(out: Path, summary: dict[str, Any]) -> None:
     (out / "index.html").write_text(page, encoding="utf-8")
 
 
+def _split_batch(model: Any, info: dict[str, Any], data_dir: Path, split: str, n: int,
+                 threshold: float) -> tuple[np.ndarray, list[str], list[int], int]:
+    """(images, names, labels) of the ``n`` gallery images of a prepared split, and its size."""
+    from drtune import data
+    from drtune.prepare import load_meta
+
+    if split not in ("train", "val", "test"):
+        raise InputError(f"--split {split!r}: must be train, val or test")
+    meta = load_meta(data_dir)
+    if int(meta["size"]) != int(info["size"]):
+        raise InputError(f"{data_dir}: images are {meta['size']} px but the run was trained on "
+                         f"{info['size']} px")
+    size = info["input_size"] if info["input_size"] != info["size"] else None
+    ds = data.eval_dataset(data_dir, split, 32, cache=False, image_size=size, meta=meta)
+    y = data.split_labels(data_dir, split, meta)
+    pick = _choose(y, model.predict(ds, verbose=0)[:, RDR], threshold, n)
+    slot, seen = {j: k for k, j in enumerate(pick)}, 0
+    batch = np.zeros((len(pick),) + tuple(model.input_shape[1:]), np.float32)
+    for b, _ in ds:  # a second pass keeps only the chosen images in memory
+        for j, image in enumerate(b.numpy(), start=seen):
+            if j in slot:
+                batch[slot[j]] = image
+        seen += len(b)
+    names = data.split_names(data_dir, split, meta)
+    return batch, [names[i] for i in pick], [int(y[i]) for i in pick], len(y)
+
+
 def run_gradcam(run_dir: Path | str, out_dir: Path | str, data_dir: Path | str | None = None,
                 split: str = "test", images: Sequence[Path | str] = (), n: int = 16,
                 masks: Path | str | None = None, layer: str = FEATURE_LAYER,
                 tolerance: int | None = None) -> dict[str, Any]:
     """Write a Grad-CAM gallery of a run to ``out_dir``: PNGs, ``index.html``, ``summary.json``.
 
-    Either raw photographs ``images`` (every one is shown; unreadable ones become error entries)
-    or ``n`` images of a prepared ``split`` of ``data_dir`` (default: the run's data), chosen as
-    ``SELECTION`` says. ``masks``: a ``drtune synth`` root; adds lesion outlines to the gallery and
-    the pointing score (on the synth split ``split`` came from) to the summary. Returns the summary.
+    Either raw photographs ``images`` (all shown, preprocessed as ``prepare`` does; unreadable
+    ones become error entries) or ``n`` images of a prepared ``split`` of ``data_dir`` (default:
+    the run's data) chosen as ``SELECTION`` says. ``masks``: a ``drtune synth`` root; adds lesion
+    outlines and the ``pointing_score`` (on the synth split ``split`` came from: test for test
+    and raw photos, train for train/val) to the gallery and the summary, which is returned.
     """
-    from drtune import data
     from drtune.evaluate import load_run, model_inputs
-    from drtune.prepare import load_meta
     from drtune.synth import SYNTH_LAYOUT, mask_path
     from drtune.train import write_json
 
@@ -294,70 +328,49 @@ def run_gradcam(run_dir: Path | str, out_dir: Path | str, data_dir: Path | str |
     model, info, run_metrics = load_run(run_dir)
     _grad_model(model, layer, str(Path(run_dir) / "model.keras"))  # fail before any work
     threshold = float(run_metrics["threshold"])
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     summary: dict[str, Any] = {"run": str(run_dir), "threshold": threshold, "layer": layer}
     if images:
         paths = [Path(p) for p in images]
         batch, errors = model_inputs(paths, info)
         names, files, labels = [p.stem for p in paths], [str(p) for p in paths], [None] * len(paths)
         summary.update(source=f"{len(paths)} photograph(s)", n_split=len(paths))
-        synth_split = "test"
     else:
-        if split not in ("train", "val", "test"):
-            raise InputError(f"--split {split!r}: must be train, val or test")
         data_dir = Path(data_dir or info["data_dir"])
-        meta = load_meta(data_dir)
-        if int(meta["size"]) != int(info["size"]):
-            raise InputError(f"{data_dir}: images are {meta['size']} px but {run_dir} was trained "
-                             f"on {info['size']} px")
-        size = info["input_size"] if info["input_size"] != info["size"] else None
-        ds = data.eval_dataset(data_dir, split, 32, cache=False, image_size=size, meta=meta)
-        y = data.split_labels(data_dir, split, meta)
-        p_all = model.predict(ds, verbose=0)[:, RDR]
-        pick = _choose(y, p_all, threshold, n)
-        slot, seen = {j: k for k, j in enumerate(pick)}, 0
-        batch = np.zeros((len(pick),) + tuple(model.input_shape[1:]), np.float32)
-        for b, _ in ds:  # a second pass keeps only the chosen images in memory
-            for j, image in enumerate(b.numpy(), start=seen):
-                if j in slot:
-                    batch[slot[j]] = image
-            seen += len(b)
-        errors = [None] * len(pick)
-        split_names = data.split_names(data_dir, split, meta)
-        names = [split_names[i] for i in pick]
-        files, labels = [f"{data_dir}:{split}"] * len(pick), [int(y[i]) for i in pick]
+        batch, names, labels, n_split = _split_batch(model, info, data_dir, split, n, threshold)
+        errors, files = [None] * len(names), [f"{data_dir}:{split}"] * len(names)
         summary.update(source=f"{split} split of {data_dir}", split=split, data_dir=str(data_dir),
-                       n_split=len(y), selection=SELECTION)
-        synth_split = "test" if split == "test" else "train"
+                       n_split=n_split, selection=SELECTION)
+    synth_split = "test" if images or split == "test" else "train"
     ok = [i for i, e in enumerate(errors) if e is None]
     maps, p_ok = _cams(model, batch[ok], RDR, layer, 16)
     heat, p = dict(zip(ok, maps)), dict(zip(ok, p_ok))
     rows: list[dict[str, Any]] = []
     for i, name in enumerate(names):
-        if errors[i] is not None:
+        row = {"name": name, "file": files[i], "group": "error", "error": errors[i], "p_rdr": None,
+               "decision": None, "truth": None if labels[i] is None else CLASS_NAMES[labels[i]],
+               "png": None, "i": i}
+        if errors[i] is None:
+            decision = int(p[i] >= threshold)
+            row.update(group=_group(labels[i], decision), p_rdr=float(p[i]),
+                       decision=CLASS_NAMES[decision])
+        else:
             logging.warning("%s: %s", files[i], errors[i])
-            rows.append({"name": name, "file": files[i], "group": "error", "error": errors[i],
-                         "p_rdr": None, "decision": None, "truth": None, "png": None})
-            continue
-        decision = int(p[i] >= threshold)
-        rows.append({"name": name, "file": files[i], "group": _group(labels[i], decision),
-                     "error": None, "p_rdr": float(p[i]), "decision": CLASS_NAMES[decision],
-                     "truth": None if labels[i] is None else CLASS_NAMES[labels[i]], "i": i})
+        rows.append(row)
     order = {g[0]: k for k, g in enumerate(GROUPS)}
-    rows.sort(key=lambda r: (order[r["group"]], -(r["p_rdr"] if r["p_rdr"] is not None else 0)))
+    rows.sort(key=lambda r: (order[r["group"]], -(r["p_rdr"] or 0.0)))
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
     photos = Path(masks) / SYNTH_LAYOUT[synth_split][0] if masks is not None else None
     for rank, r in enumerate(rows):
-        i = r.pop("i", None)
-        if i is None:
+        i = r.pop("i")
+        if r["error"] is not None:
             continue
         r["png"] = f"{rank:03d}-{_slug(r['name'])}.png"
         truth = f"; truth {r['truth']} ({r['group']})" if r["truth"] else ""
         title = f"{r['name']}: P(RDR) {r['p_rdr']:.3f} -> {r['decision']} (threshold {threshold:.3f}){truth}"
-        lesions = None
         photo = photos / f"{r['name']}.jpg" if photos is not None else None
-        if photo is not None and photo.is_file():
-            lesions = lesion_masks(photo, mask_path(Path(masks), synth_split, r["name"]), info, 0)[0]
+        lesions = (lesion_masks(photo, mask_path(Path(masks), synth_split, r["name"]), info, 0)[0]
+                   if photo is not None and photo.is_file() else None)
         _render(out / r["png"], batch[i], heat[i], title, lesions)
     summary.update(n=len(rows), images=rows,
                    groups={g[0]: sum(r["group"] == g[0] for r in rows) for g in GROUPS})
@@ -367,13 +380,13 @@ def run_gradcam(run_dir: Path | str, out_dir: Path | str, data_dir: Path | str |
         summary["pointing_text"] = (
             "n/a (no correctly classified RDR image)" if not score["n"] else
             f"hit rate {score['hit_rate']:.2f} vs {score['baseline']:.2f} for a random peak, energy "
-            f"share {score['energy_share']:.2f}, over {score['n']} correctly classified RDR images of "
-            f"the synth {synth_split} split (lesions dilated by {score['tolerance_px']} px)")
+            f"share {score['energy_share']:.2f} (baseline {score['baseline']:.2f}), over {score['n']} "
+            f"correctly classified RDR photos of the synth {synth_split} split (lesions dilated by "
+            f"{score['tolerance_px']} px)")
         logging.info("pointing game: %s", summary["pointing_text"])
     _write_index(out, summary)
     write_json(out / "summary.json", summary)
-    logging.info("wrote %d Grad-CAM image(s) and %s", sum(r["png"] is not None for r in rows),
-                 out / "index.html")
+    logging.info("wrote %d Grad-CAM image(s) and %s", len(ok), out / "index.html")
     return summary
 
 

@@ -253,6 +253,7 @@ class Objective:
             # A diverging learning rate is a bad point of the space, not a broken worker:
             # record it as pruned so the study goes on and the reason stays visible.
             trial.set_user_attr("diverged", str(exc))
+            _hparams(self.cfg, self.name, trial, float("nan"), "diverged")
             logging.warning("trial %d diverged; pruned", trial.number)
             raise optuna.TrialPruned(str(exc)) from None
         value = float(result["val_balanced_accuracy"])

@@ -129,7 +129,7 @@ def test_gallery_of_a_split(run: Path, prepared: Path, tmp_path: Path) -> None:
     page = index.read_text()
     for key, heading, _ in gradcam.GROUPS:
         assert (f"{heading} ({summary['groups'][key]})" in page) == (summary["groups"][key] > 0)
-    blocks = re.findall(r'<h2 id="(\w+)">.*?</h2><div class="group">(.*?)</div>', page)
+    blocks = re.findall(r'<h2 id="(\w+)">.*?</h2>\s*<div class="group">(.*?)</div>', page)
     assert [k for k, _ in blocks] == [k for k, *_ in gradcam.GROUPS if summary["groups"][k]]
     for _, block in blocks:
         ps = [float(v) for v in re.findall(r'data-p="([0-9.]+)"', block)]
@@ -207,15 +207,18 @@ def test_cli_gradcam(run: Path, tmp_path: Path, capsys) -> None:
 # --------------------------------------------------------------------------- pointing
 
 
+@pytest.mark.slow
 def test_pointing_game_beats_random_peaks(tmp_path: Path) -> None:
     """A model trained on synthetic photographs points at their lesions, far above chance."""
     from drtune.prepare import PrepareOptions, find_idrid, prepare
     from drtune.synth import make_synthetic
 
+    # 256 px: the last feature map is 8x8; at 96-128 px (3x3, 4x4) a map is too coarse to point
+    # at lesions much better than chance. (model.width=8 at 256 px crashes oneDNN in TF 2.21.)
     root = tmp_path / "synth"
     make_synthetic(root, n_train=80, n_test=24, width=400, height=266, seed=0)
-    prepare(find_idrid(root), tmp_path / "data", PrepareOptions(size=128, workers=1, seed=0))
-    cfg = load_config(None, ["model.width=8", "train.batch_size=8", "train.epochs=20", "train.lr=3e-3"])
+    prepare(find_idrid(root), tmp_path / "data", PrepareOptions(size=256, workers=1, seed=0))
+    cfg = load_config(None, ["train.batch_size=8", "train.epochs=20", "train.lr=3e-3"])
     train_and_evaluate(cfg, tmp_path / "data", tmp_path / "run")
     model, info, metrics = load_run(tmp_path / "run")
     score = gradcam.pointing_score(model, root, "test", info, metrics["threshold"])

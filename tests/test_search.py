@@ -239,7 +239,7 @@ def test_dashboard_serves_the_study(grid_study) -> None:
             except OSError:
                 time.sleep(0.3)
         assert body is not None, proc.stderr.read() if proc.poll() is not None else "no answer"
-        studies = {s["study_name"]: s for s in body["studies"]}
+        studies = {s["study_name"]: s for s in body["study_summaries"]}
         assert "tiny" in studies
         sid = studies["tiny"]["study_id"]
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/studies/{sid}?after=0", timeout=10) as r:
