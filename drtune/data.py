@@ -37,6 +37,8 @@ _PARAMS: dict[str, dict[str, Any]] = {
                    brightness=(0.6, 1.4), flip=True, contrast=0.1, saturation=0.1),
 }
 
+_AUGMENT_CALLS: int | None = tf.data.AUTOTUNE
+
 _FEATURES = {
     "image": tf.io.FixedLenFeature([], tf.string),
     "label": tf.io.FixedLenFeature([], tf.int64),
@@ -329,7 +331,7 @@ def train_dataset(
         images, labels = batch
         return augment(images, augment_level, tf.stack([tf.constant(seed, tf.int64), step])), labels
 
-    ds = ds.map(aug, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    ds = ds.map(aug, num_parallel_calls=_AUGMENT_CALLS, deterministic=True)
     return ds.prefetch(tf.data.AUTOTUNE).with_options(_options()), steps
 
 

@@ -94,19 +94,18 @@ def _cams(model: Any, images: np.ndarray, class_index: int | None, layer: str,
         peak = cam.max(axis=(1, 2), keepdims=True)
         maps.append(np.divide(cam, peak, out=np.zeros_like(cam), where=peak > 0))
         probs.append(p)
-    if not maps:
-        return np.zeros((0,) + images.shape[1:3], np.float32), np.zeros(0, np.float32)
-    return np.clip(np.concatenate(maps), 0.0, 1.0), np.concatenate(probs)
+    empty = [np.zeros((0,) + images.shape[1:3], np.float32)], [np.zeros(0, np.float32)]
+    return np.clip(np.concatenate(maps or empty[0]), 0.0, 1.0), np.concatenate(probs or empty[1])
 
 
 def heatmaps(model: Any, images: np.ndarray, class_index: int | None = None,
              layer: str = FEATURE_LAYER, batch_size: int = 16) -> np.ndarray:
-    """Grad-CAM maps [B,H,W] float32 in [0, 1], one per image, at the input size.
+    """Grad-CAM maps [B,H,W] float32 in [0, 1] at the input size, computed ``batch_size`` at a time.
 
     ``images``: float32 RGB 0..255 [B,H,W,3], as the model takes them. ``class_index``: the class
     explained; None means RDR (index 1), the class a screener wants located. ``layer``: the
-    feature map differentiated against (default the model's last, ``FEATURE_LAYER``; an earlier
-    stage gives finer but less class-specific maps). Raises ``InputError`` if the layer is absent.
+    feature map differentiated against (default the last, ``FEATURE_LAYER``; an earlier stage
+    gives finer, less class-specific maps). ``InputError`` if the model has no such layer.
     """
     return _cams(model, images, class_index, layer, batch_size)[0]
 
@@ -133,9 +132,8 @@ def lesion_masks(photo: Path | str, mask_file: Path | str, info: dict[str, Any],
     mask = cv2.imread(str(mask_file), cv2.IMREAD_GRAYSCALE)
     if mask is None:
         raise InputError(f"{mask_file}: lesion mask missing or unreadable")
-    f, s = find_field(rgb), mask.shape[1] / rgb.shape[1]
-    field = Field((f.cx + 0.5) * s - 0.5, (f.cy + 0.5) * s - 0.5, f.radius * s,
-                  int(f.x0 * s), int(f.y0 * s), int(np.ceil(f.x1 * s)), int(np.ceil(f.y1 * s)))
+    f, s = find_field(rgb), mask.shape[1] / rgb.shape[1]  # pixel centres scale about -0.5
+    field = Field((f.cx + 0.5) * s - 0.5, (f.cy + 0.5) * s - 0.5, f.radius * s, 0, 0, 0, 0)
 
     def to_input(a: np.ndarray) -> np.ndarray:
         return cv2.resize(crop_square(a, field).astype(np.float32), (n, n), interpolation=cv2.INTER_AREA)
@@ -157,11 +155,10 @@ def pointing_score(model: Any, synth_root: Path | str, split: str, info: dict[st
 
     Over the correctly classified RDR photographs (grade >= the run's ``rdr_grade``, P(RDR) >=
     ``threshold``): ``hit_rate`` is the share whose map peak lies in the lesion mask dilated by
-    ``tolerance`` px at the model input size (default 1/32 of the side, >= 2 px: 8 px at 256, a
-    quarter of a cell of the stride-32 feature map);
-    ``energy_share`` the mean share of map mass inside that mask; ``baseline`` the mean share of
-    the retina field the dilated mask covers, i.e. what a uniformly random peak (or a flat map
-    over the field) would score on either. Photos are preprocessed exactly as ``prepare`` does.
+    ``tolerance`` px at the model input size (default 1/32 of the side, >= 2: 8 px at 256, a
+    quarter cell of the stride-32 feature map); ``energy_share`` the mean share of map mass in
+    that mask; ``baseline`` the mean share of the retina field it covers: what a uniformly random
+    peak (or a flat map) would score on either. Photos are preprocessed as ``prepare`` does.
     """
     from drtune.evaluate import model_inputs
     from drtune.labels import list_images, read_labels
@@ -175,8 +172,7 @@ def pointing_score(model: Any, synth_root: Path | str, split: str, info: dict[st
         raise InputError(f"{root}: not a 'drtune synth' folder (no {SYNTH_LAYOUT[split][1]})")
     rows, _ = read_labels(labels_csv)
     files, _ = list_images(images_dir)
-    rdr_grade = int(info.get("rdr_grade", 2))
-    rows = [r for r in rows if r.grade >= rdr_grade and r.name in files]
+    rows = [r for r in rows if r.grade >= int(info.get("rdr_grade", 2)) and r.name in files]
     tol = max(2, round(int(info["input_size"]) / 32)) if tolerance is None else int(tolerance)
     batch, errors = model_inputs([files[r.name] for r in rows], info)
     ok = [i for i, e in enumerate(errors) if e is None]
@@ -214,8 +210,7 @@ def _choose(labels: np.ndarray, p: np.ndarray, threshold: float, n: int) -> list
     groups = {g: [] for g in ("FN", "FP", "TP", "TN")}
     for i in np.argsort(-p, kind="stable"):  # most confident RDR first
         groups[_group(int(labels[i]), int(p[i] >= threshold))].append(int(i))
-    groups["FN"].reverse()  # a confident miss has the lowest P(RDR)
-    groups["TN"].reverse()
+    groups["FN"].reverse(), groups["TN"].reverse()  # confident NRDR calls have the lowest P
     rest = [i for pair in zip_longest(groups["TP"], groups["TN"]) for i in pair if i is not None]
     return (groups["FN"] + groups["FP"] + rest)[:n]
 
@@ -230,12 +225,11 @@ def _render(path: Path, image: np.ndarray, heat: np.ndarray, title: str,
     overlay = np.clip(0.6 * photo + 0.4 * colormaps["jet"](heat)[..., :3], 0.0, 1.0)
     fig = Figure(figsize=(7.2, 3.9), layout="constrained")
     for k, (shown, label) in enumerate(((photo, "photograph"), (overlay, "Grad-CAM: evidence for RDR"))):
-        ax = fig.add_subplot(1, 2, k + 1)
+        ax = fig.add_subplot(1, 2, k + 1, title=label)
         ax.imshow(shown, interpolation="bilinear")
-        if lesions is not None and lesions.any():
-            ax.contour(lesions, levels=[0.5], colors="white", linewidths=0.6)
-        ax.set_title(label, fontsize=9)
         ax.set_axis_off()
+    if lesions is not None and lesions.any():
+        ax.contour(lesions, levels=[0.5], colors="white", linewidths=0.6)
     fig.suptitle(title, fontsize=10)
     fig.savefig(path, dpi=100)
 
@@ -248,8 +242,10 @@ def _write_index(out: Path, summary: dict[str, Any]) -> None:
     rows = summary["images"]
     parts = [f"<h1>Grad-CAM: {html.escape(summary['run'])}</h1><p>{html.escape(summary['source'])}; "
              f"threshold {summary['threshold']:.3f}; maps explain RDR from layer "
-             f"<code>{html.escape(summary['layer'])}</code>, each scaled to its own maximum (red: "
-             "strongest evidence for RDR in that image). White outlines: known lesions.</p>"]
+             f"<code>{html.escape(summary['layer'])}</code>. Each map is scaled to its own maximum: "
+             "red is the strongest evidence for RDR <i>in that image</i>, so in images called NRDR "
+             "it marks the least weak evidence, not a finding."
+             + (" White outlines: known lesions." if summary.get("masks") else "") + "</p>"]
     if summary.get("selection"):
         parts.append(f"<p>Shown: {summary['n']} of {summary['n_split']} images: "
                      f"{html.escape(summary['selection'])}.</p>")
@@ -328,7 +324,8 @@ def run_gradcam(run_dir: Path | str, out_dir: Path | str, data_dir: Path | str |
     model, info, run_metrics = load_run(run_dir)
     _grad_model(model, layer, str(Path(run_dir) / "model.keras"))  # fail before any work
     threshold = float(run_metrics["threshold"])
-    summary: dict[str, Any] = {"run": str(run_dir), "threshold": threshold, "layer": layer}
+    summary: dict[str, Any] = {"run": str(run_dir), "threshold": threshold, "layer": layer,
+                               "masks": None if masks is None else str(masks)}
     if images:
         paths = [Path(p) for p in images]
         batch, errors = model_inputs(paths, info)

@@ -235,6 +235,8 @@ class Objective:
         from drtune.train import TrainingDiverged, train_and_evaluate
 
         cfg = sample(trial, self.cfg, self.grid)
+        if self.grid:
+            _check_duplicate(trial)
         keras.backend.clear_session()  # one process runs many trials: free the last graph
         run = _run_dir(trial, cfg, self.name)
         trial.set_user_attr("run_dir", str(run))
@@ -330,40 +332,92 @@ def search(cfg: Config, data_dir: Path | str | None = None, grid: bool = False,
     artifacts = artifact_dir(cfg)
     artifacts.mkdir(parents=True, exist_ok=True)
     objective = Objective(cfg, data, grid, name, FileSystemArtifactStore(str(artifacts)))
-    optuna.storages.fail_stale_trials(study)  # trials of a killed earlier run, if stale already
     budget = n_trials if n_trials is not None else (None if grid else cfg.search.n_trials)
     timeout = timeout if timeout is not None else (cfg.search.timeout or None)
     logging.info("study %r in %s: %s, pruner %s", name, redact(storage_url(cfg, storage)),
                  f"grid of {_grid_size(cfg)} points" if grid else f"TPE, {budget} trial(s)", cfg.search.pruner)
     started = time.monotonic()
-    if grid and not _unfinished_points(study, cfg) and not _waiting(study):
-        logging.info("study %r: every grid point has finished already; nothing to run", name)
-        _summary(study, grid, cfg)
-        return study
+    callbacks = [_log_trial] + ([_StopWhenGridTaken(cfg)] if grid else [])
     while True:
-        # GridSampler stops the study when its last point finishes; retries of trials that
-        # died (waiting in the queue) then still need a pass of their own.
-        study.optimize(objective, n_trials=budget, timeout=timeout, callbacks=[_log_trial],
-                       catch=(), gc_after_trial=True)
-        if not _waiting(study) or (timeout and time.monotonic() - started > timeout) or budget is not None:
+        # Dead trials (of this or another worker) are failed, and queued for retry, here and
+        # at the start of every trial.
+        optuna.storages.fail_stale_trials(study)
+        left = None if timeout is None else timeout - (time.monotonic() - started)
+        if left is not None and left <= 0:
             break
+        waiting, untouched, running = _waiting(study), _untouched_points(study, cfg), _running_points(study, cfg)
+        if not grid or waiting or untouched:
+            study.optimize(objective, n_trials=budget, timeout=left, callbacks=callbacks,
+                           catch=(DuplicateTrial,), gc_after_trial=True)
+            if not grid or budget is not None:
+                break
+            continue
+        if not running:
+            break
+        # The grid's last points run in other workers (or in one that died: its heartbeat
+        # stops and the trial is retried here once the grace period has passed).
+        logging.info("waiting for %d grid point(s) running elsewhere", len(running))
+        time.sleep(cfg.search.heartbeat_interval)
     _summary(study, grid, cfg)
     return study
+
+
+class DuplicateTrial(Exception):
+    """This trial drew a grid point that another worker's trial already runs or ran."""
+
+
+class _StopWhenGridTaken:
+    """Stop a worker when every grid point has a trial and none waits for a retry.
+
+    GridSampler alone would hand a worker the points that other workers are still running,
+    duplicating them near the end of a grid.
+    """
+
+    def __init__(self, cfg: Config) -> None:
+        self.cfg = cfg
+
+    def __call__(self, study: optuna.Study, trial: FrozenTrial) -> None:
+        if not _untouched_points(study, self.cfg) and not _waiting(study):
+            study.stop()
+
+
+def _check_duplicate(trial: optuna.Trial) -> None:
+    """Fail this trial (as a recorded duplicate) if an earlier live one has its parameters."""
+    live = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING)
+    for other in trial.study.get_trials(deepcopy=False, states=live):
+        if other.number < trial.number and other.params == trial.params:
+            trial.set_user_attr("duplicate_of", other.number)
+            logging.info("trial %d: grid point already taken by trial %d; skipping it",
+                         trial.number, other.number)
+            raise DuplicateTrial(f"duplicate of trial {other.number}")
 
 
 def _waiting(study: optuna.Study) -> list[FrozenTrial]:
     return study.get_trials(deepcopy=False, states=(TrialState.WAITING,))
 
 
-def _unfinished_points(study: optuna.Study, cfg: Config) -> list[dict[str, Any]]:
-    """Grid points without a finished (COMPLETE, PRUNED or FAIL) trial."""
+def _grid_points(cfg: Config) -> list[tuple[Any, ...]]:
     import itertools
 
+    return list(itertools.product(*cfg.search.grid.values()))
+
+
+def _points_of(study: optuna.Study, cfg: Config, states: tuple[TrialState, ...]) -> set[tuple[Any, ...]]:
     keys = list(cfg.search.grid)
-    finished = {tuple(t.params.get(k) for k in keys) for t in study.get_trials(
-        deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL))}
-    return [dict(zip(keys, point)) for point in itertools.product(*cfg.search.grid.values())
-            if point not in finished]
+    return {tuple(t.params.get(k) for k in keys) for t in study.get_trials(deepcopy=False, states=states)}
+
+
+def _untouched_points(study: optuna.Study, cfg: Config) -> list[tuple[Any, ...]]:
+    """Grid points that no trial has drawn yet."""
+    taken = _points_of(study, cfg, tuple(TrialState))
+    return [p for p in _grid_points(cfg) if p not in taken]
+
+
+def _running_points(study: optuna.Study, cfg: Config) -> list[tuple[Any, ...]]:
+    """Grid points being run (maybe by a dead worker) that have no finished trial yet."""
+    done = _points_of(study, cfg, (TrialState.COMPLETE, TrialState.PRUNED))
+    running = _points_of(study, cfg, (TrialState.RUNNING,))
+    return [p for p in _grid_points(cfg) if p in running and p not in done]
 
 
 def _grid_size(cfg: Config) -> int:
@@ -378,8 +432,7 @@ def _summary(study: optuna.Study, grid: bool, cfg: Config) -> None:
     counts = {s.name: states.count(s) for s in TrialState if states.count(s)}
     logging.info("study %r: %s", study.study_name, ", ".join(f"{n} {k.lower()}" for k, n in counts.items()))
     if grid:
-        done = {tuple(sorted(t.params.items())) for t in study.get_trials(
-            deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED))}
+        done = _points_of(study, cfg, (TrialState.COMPLETE, TrialState.PRUNED))
         logging.info("grid: %d of %d points finished", len(done), _grid_size(cfg))
     try:
         best = study.best_trial
