@@ -81,6 +81,22 @@ def cmd_predict(args: argparse.Namespace) -> int:
     return 1 if all(r["error"] for r in rows) else 0
 
 
+def cmd_gradcam(args: argparse.Namespace) -> int:
+    from drtune.gradcam import run_gradcam
+
+    if args.images and (args.data is not None or args.split is not None):
+        raise InputError("give either --data/--split or IMAGE..., not both")
+    summary = run_gradcam(args.run, args.out, data_dir=args.data, split=args.split or "test",
+                          images=args.images, n=args.n, masks=args.masks, layer=args.layer,
+                          tolerance=args.tolerance)
+    shown = sum(r["png"] is not None for r in summary["images"])
+    print(f"{shown} Grad-CAM image(s) ({summary['n'] - shown} unreadable); "
+          f"gallery in {Path(args.out) / 'index.html'}")
+    if "pointing" in summary:
+        print(f"pointing game: {summary['pointing_text']}")
+    return 1 if shown == 0 else 0
+
+
 def _study_config(args: argparse.Namespace):  # -> Config (typed lazily: config is cheap anyway)
     """The study config of search/finetune/status/dashboard: --config, else studies/demo.toml."""
     from drtune.config import load_config
@@ -94,8 +110,16 @@ def _study_config(args: argparse.Namespace):  # -> Config (typed lazily: config 
 
 
 def cmd_search(args: argparse.Namespace) -> int:
-    from drtune.search import search
+    from drtune.search import create_study, search
+    from drtune.workers import parse_gpus, run_workers
 
+    gpus = parse_gpus(args.gpus)
+    workers = args.workers or len(gpus) or 1
+    if workers > 1 or gpus:
+        # A bad config or storage fails once here, and the study (and on a new database,
+        # Optuna's tables) exists before the workers start.
+        create_study(_study_config(args), args.grid, args.storage, args.study)
+        return run_workers(args.argv, workers, gpus)
     cfg = _study_config(args)
     search(cfg, grid=args.grid, storage=args.storage, name=args.study, n_trials=args.n_trials,
            timeout=args.timeout)
@@ -221,6 +245,29 @@ def _add_predict(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(handler=cmd_predict)
 
 
+def _add_gradcam(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "gradcam", help="Grad-CAM heatmaps of a run as a browsable gallery",
+        description="Draw Grad-CAM maps of the evidence for RDR over photographs of a prepared split "
+                    "(--data/--split; N images, errors first) or over raw photographs (IMAGE...), "
+                    "and write PNGs, an index.html gallery grouped into true/false positives/"
+                    "negatives, and summary.json to OUT.")
+    p.add_argument("run", type=Path, help="run directory")
+    p.add_argument("images", type=Path, nargs="*", metavar="IMAGE",
+                   help="raw photographs, preprocessed as 'prepare' does (instead of a split)")
+    p.add_argument("--data", type=Path, help="data directory (default: the one the run trained on)")
+    p.add_argument("--split", choices=("train", "val", "test"), help="split to draw from (default: test)")
+    p.add_argument("--n", type=int, default=16, help="images taken from the split (default 16)")
+    p.add_argument("--out", type=Path, required=True, help="output folder")
+    p.add_argument("--masks", type=Path, metavar="SYNTH_ROOT",
+                   help="a 'drtune synth' folder: outline its lesions and score the pointing game")
+    p.add_argument("--layer", default="features",
+                   help="feature map to explain (default: features, the last; e.g. stage2_block1_add)")
+    p.add_argument("--tolerance", type=int, metavar="PX",
+                   help="pointing game: lesion dilation in input pixels (default: input size / 32)")
+    p.set_defaults(handler=cmd_gradcam)
+
+
 def _study_args(p: argparse.ArgumentParser, data: bool = True, overrides: bool = True) -> None:
     p.add_argument("--config", type=Path, help="study TOML (default: studies/demo.toml)")
     p.add_argument("--storage", help="SQLAlchemy URL (default: $DRTUNE_STORAGE, else the study's, "
@@ -242,6 +289,10 @@ def _add_search(sub: argparse._SubParsersAction) -> None:
     _study_args(p)
     p.add_argument("--n-trials", type=int, help="trials to run now (default: the grid, or search.n_trials)")
     p.add_argument("--timeout", type=float, help="stop starting trials after this many seconds")
+    p.add_argument("--workers", type=int, help="start N local worker processes on the study "
+                                               "(default 1; with --gpus, one per GPU)")
+    p.add_argument("--gpus", help="comma-separated GPU indices, dealt to the workers through "
+                                  "CUDA_VISIBLE_DEVICES, e.g. 0,1")
     p.set_defaults(handler=cmd_search)
 
 
@@ -292,7 +343,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-q", "--quiet", action="store_true", help="warnings and errors only")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
-    for add in (_add_synth, _add_prepare, _add_train, _add_evaluate, _add_predict, _add_search,
+    for add in (_add_synth, _add_prepare, _add_train, _add_evaluate, _add_predict, _add_gradcam, _add_search,
                 _add_finetune, _add_status, _add_dashboard, _add_demo):
         add(sub)
     return parser
@@ -317,6 +368,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``drtune`` console script; returns the exit code."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # for worker processes
     setup_logging(args.verbose, args.quiet)
     try:
         return int(args.handler(args))

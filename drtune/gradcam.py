@@ -338,6 +338,8 @@ def run_gradcam(run_dir: Path | str, out_dir: Path | str, data_dir: Path | str |
         summary.update(source=f"{split} split of {data_dir}", split=split, data_dir=str(data_dir),
                        n_split=n_split, selection=SELECTION)
     synth_split = "test" if images or split == "test" else "train"
+    if masks is not None and not (Path(masks) / SYNTH_LAYOUT[synth_split][1]).is_file():
+        raise InputError(f"--masks {masks}: not a 'drtune synth' folder (no {SYNTH_LAYOUT[synth_split][1]})")
     ok = [i for i, e in enumerate(errors) if e is None]
     maps, p_ok = _cams(model, batch[ok], RDR, layer, 16)
     heat, p = dict(zip(ok, maps)), dict(zip(ok, p_ok))

@@ -34,7 +34,11 @@ def _block(x: keras.KerasTensor, filters: int, strides: int, l2: float, name: st
     pre = layers.BatchNormalization(momentum=BN_MOMENTUM, name=f"{name}_preact_bn")(x)
     pre = layers.ReLU(name=f"{name}_preact_relu")(pre)
     if strides != 1 or x.shape[-1] != filters:
-        shortcut = _conv(filters, 1, strides, l2, f"{name}_shortcut")(pre)
+        # A strided 1x1 conv, written as subsampling then a 1x1 conv: the same function and
+        # weights, but TF 2.21's oneDNN kernel for the strided form corrupts the heap (crash)
+        # when trained with fewer than 16 channels on large inputs.
+        sub = layers.MaxPooling2D(1, strides=strides, padding="same", name=f"{name}_subsample")(pre)
+        shortcut = _conv(filters, 1, 1, l2, f"{name}_shortcut")(sub)
     else:
         shortcut = x
     y = _conv(filters, 3, strides, l2, f"{name}_conv1")(pre)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import time
 import warnings
 from dataclasses import dataclass
@@ -68,16 +69,24 @@ def open_storage(cfg: Config, override: str | None = None) -> RDBStorage:
             Path(path).parent.mkdir(parents=True, exist_ok=True)
     else:
         engine_kwargs = {"pool_pre_ping": True}
-    try:
-        return RDBStorage(
-            url, engine_kwargs=engine_kwargs, heartbeat_interval=cfg.search.heartbeat_interval,
-            grace_period=cfg.search.grace_period,
-            heartbeat_stale_trial_callback=_RetryUnlessDone(cfg.search.max_retry))
-    except (sqlalchemy.exc.ArgumentError, sqlalchemy.exc.NoSuchModuleError, ValueError) as exc:
-        raise InputError(f"storage {redact(url)}: not a usable database URL ({exc})") from None
-    except sqlalchemy.exc.OperationalError as exc:
-        reason = str(exc.orig).strip().splitlines()[0] if exc.orig else "connection failed"
-        raise DrtuneError(f"storage {redact(url)}: cannot connect ({reason})") from None
+    for attempt in range(3):
+        try:
+            return RDBStorage(
+                url, engine_kwargs=engine_kwargs, heartbeat_interval=cfg.search.heartbeat_interval,
+                grace_period=cfg.search.grace_period,
+                heartbeat_stale_trial_callback=_RetryUnlessDone(cfg.search.max_retry))
+        except (sqlalchemy.exc.ArgumentError, sqlalchemy.exc.NoSuchModuleError, ValueError) as exc:
+            raise InputError(f"storage {redact(url)}: not a usable database URL ({exc})") from None
+        except sqlalchemy.exc.OperationalError as exc:
+            reason = str(exc.orig).strip().splitlines()[0] if exc.orig else "connection failed"
+            raise DrtuneError(f"storage {redact(url)}: cannot connect ({reason})") from None
+        except (sqlalchemy.exc.IntegrityError, sqlalchemy.exc.ProgrammingError) as exc:
+            # Workers that start together on a new database race to create Optuna's tables;
+            # the losers find them made on a second look.
+            if attempt == 2:
+                raise DrtuneError(f"storage {redact(url)}: cannot set up Optuna's tables ({exc.orig})") from None
+            time.sleep(0.5 + attempt)
+    raise AssertionError("unreachable")  # pragma: no cover
 
 
 class _RetryUnlessDone:
@@ -240,6 +249,10 @@ class Objective:
         keras.backend.clear_session()  # one process runs many trials: free the last graph
         run = _run_dir(trial, cfg, self.name)
         trial.set_user_attr("run_dir", str(run))
+        # Which worker ran it: useful in the dashboard when many machines share a study.
+        trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")
+        if "CUDA_VISIBLE_DEVICES" in os.environ:
+            trial.set_user_attr("cuda_visible_devices", os.environ["CUDA_VISIBLE_DEVICES"])
         logging.info("trial %d: %s -> %s", trial.number,
                      " ".join(f"{k}={v}" for k, v in trial.params.items()), run)
         callbacks = [_trial_attrs_callback(trial), KerasPruningCallback(trial, MONITOR)]
@@ -308,6 +321,18 @@ def _log_trial(study: optuna.Study, trial: FrozenTrial) -> None:
                  trial.state.name, value, trial.user_attrs.get("epochs_run", 0), best)
 
 
+def create_study(cfg: Config, grid: bool, storage: str | None = None, name: str | None = None) -> optuna.Study:
+    """Create (or load) the study with its sampler and pruner; what every worker starts with."""
+    if grid:
+        grid_space(cfg)
+    elif not cfg.search.space:
+        raise InputError(f"config {cfg.name!r} has no [search.space] section; use --grid for its grid")
+    optuna.logging.set_verbosity(optuna.logging.WARNING)  # drtune logs each trial itself
+    return optuna.create_study(study_name=study_name(cfg, name), storage=open_storage(cfg, storage),
+                               direction="maximize", sampler=make_sampler(cfg, grid),
+                               pruner=make_pruner(cfg), load_if_exists=True)
+
+
 def search(cfg: Config, data_dir: Path | str | None = None, grid: bool = False,
            storage: str | None = None, name: str | None = None, n_trials: int | None = None,
            timeout: float | None = None) -> optuna.Study:
@@ -317,16 +342,8 @@ def search(cfg: Config, data_dir: Path | str | None = None, grid: bool = False,
 
     data = resolve_data_dir(cfg, data_dir).resolve()
     load_meta(data)  # fail now, not in the first trial
-    if grid:
-        grid_space(cfg)
-    elif not cfg.search.space:
-        raise InputError(f"config {cfg.name!r} has no [search.space] section; use --grid for its grid")
     name = study_name(cfg, name)
-    store = open_storage(cfg, storage)
-    optuna.logging.set_verbosity(optuna.logging.WARNING)  # drtune logs each trial itself
-    study = optuna.create_study(study_name=name, storage=store, direction="maximize",
-                                sampler=make_sampler(cfg, grid), pruner=make_pruner(cfg),
-                                load_if_exists=True)
+    study = create_study(cfg, grid, storage, name)
     study.set_user_attr("config", config_lib.to_dict(cfg))
     study.set_user_attr("data_dir", str(data))
     artifacts = artifact_dir(cfg)

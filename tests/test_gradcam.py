@@ -177,6 +177,8 @@ def test_bad_input(run: Path, prepared: Path, tmp_path: Path) -> None:
         gradcam.run_gradcam(empty, tmp_path / "g1")
     with pytest.raises(InputError, match="not both"):
         gradcam.run_gradcam(run, tmp_path / "g2", data_dir=prepared, images=["x.jpg"])
+    with pytest.raises(InputError, match="not a 'drtune synth' folder"):
+        gradcam.run_gradcam(run, tmp_path / "g2", masks=prepared)
     with pytest.raises(InputError, match="no Grad-CAM gallery"):
         gradcam.gallery_artifacts(tmp_path)
     # A run whose model lacks the feature layer: the message names the model file and the layer.

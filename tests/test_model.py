@@ -35,3 +35,17 @@ def test_parametrised_variants() -> None:
     probs = wide.predict(np.full((3, 64, 64, 3), 128.0, np.float32), verbose=0)
     assert probs.shape == (3, 2)
     np.testing.assert_allclose(probs.sum(axis=1), 1.0, rtol=1e-5)
+
+
+def test_narrow_model_trains_at_full_size_without_crashing() -> None:
+    """Regression: TF 2.21's oneDNN strided 1x1 conv corrupted the heap below 16 channels."""
+    import subprocess
+    import sys
+
+    code = ("import numpy as np; from drtune.config import ModelConfig; "
+            "from drtune.model import build_model, compile_model; "
+            "m = compile_model(build_model(ModelConfig(width=8), 256), 1e-3); "
+            "x = np.random.rand(32, 256, 256, 3).astype('float32') * 255; "
+            "m.fit(x, np.random.randint(0, 2, 32), batch_size=4, epochs=2, verbose=0); print('ok')")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stderr[-2000:]

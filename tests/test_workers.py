@@ -1,0 +1,58 @@
+"""Several local workers on one study (`drtune search --workers N --gpus ...`) on SQLite."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import optuna
+import pytest
+from optuna.trial import TrialState
+
+from drtune.config import load_config
+from drtune.errors import InputError
+from drtune.search import storage_url
+from drtune.workers import parse_gpus, strip_worker_flags, worker_envs
+from test_search import study_file
+
+SIX_POINTS = "[3e-3, 2e-3, 1e-3, 5e-4, 2e-4, 1e-4]"
+
+
+def test_worker_environments() -> None:
+    envs = worker_envs(3, parse_gpus("0,1"), base={"PATH": "/bin"})
+    assert [e["CUDA_VISIBLE_DEVICES"] for e in envs] == ["0", "1", "0"]
+    assert [e["DRTUNE_WORKER"] for e in envs] == ["0", "1", "2"]
+    assert all(e["PATH"] == "/bin" for e in envs)
+    assert "CUDA_VISIBLE_DEVICES" not in worker_envs(2, [], base={})[0]
+    with pytest.raises(InputError, match="--gpus 'a,b'"):
+        parse_gpus("a,b")
+    with pytest.raises(InputError, match="--workers 0"):
+        worker_envs(0, [])
+    argv = ["search", "--grid", "--workers", "3", "--gpus=0,1", "--config", "x.toml"]
+    assert strip_worker_flags(argv) == ["search", "--grid", "--config", "x.toml"]
+
+
+def check_grid_once(study: optuna.Study, points: list[float]) -> None:
+    """Every grid point exactly once among COMPLETE/PRUNED trials; nothing left running."""
+    states = [t.state for t in study.trials]
+    assert TrialState.RUNNING not in states and TrialState.WAITING not in states
+    finished = [t.params["train.lr"] for t in study.trials
+                if t.state in (TrialState.COMPLETE, TrialState.PRUNED)]
+    assert sorted(finished) == sorted(points)
+
+
+def test_three_workers_share_a_sqlite_grid(prepared: Path, tmp_path: Path) -> None:
+    path = study_file(tmp_path, prepared, epochs=2, lrs=SIX_POINTS)
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
+    proc = subprocess.run([sys.executable, "-m", "drtune", "search", "--grid", "--config", str(path),
+                           "--workers", "3", "--gpus", "0,1"], env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "[w0]" in proc.stderr and "[w2]" in proc.stderr
+    study = optuna.load_study(study_name="tiny", storage=storage_url(load_config(path)))
+    check_grid_once(study, [3e-3, 2e-3, 1e-3, 5e-4, 2e-4, 1e-4])
+    ran = [t for t in study.trials if "worker" in t.user_attrs and "duplicate_of" not in t.user_attrs]
+    assert len({t.user_attrs["worker"] for t in ran}) >= 2, "the grid was shared between workers"
+    assert {t.user_attrs["cuda_visible_devices"] for t in ran} <= {"0", "1"}
