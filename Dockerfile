@@ -1,0 +1,13 @@
+# The drtune worker/dashboard image, on TensorFlow's GPU image (CUDA and cuDNN included).
+FROM tensorflow/tensorflow:2.21.0-gpu
+
+ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 TF_CPP_MIN_LOG_LEVEL=2
+WORKDIR /work
+
+# Dependencies first, so code changes do not reinstall them; TensorFlow comes with the base.
+COPY pyproject.toml README.md ./
+COPY drtune ./drtune
+RUN pip install --no-cache-dir ".[test]" && drtune --version
+COPY studies ./studies
+
+CMD ["drtune", "--help"]
