@@ -98,6 +98,7 @@ class FinetuneConfig:
     lr: float = 1e-5
     epochs: int = 50
     augment: str = "strong"
+    gradcam: int = 16  # test images in the Grad-CAM galleries uploaded to the study; 0: none
 
 
 @dataclass(frozen=True)
@@ -140,6 +141,7 @@ _RULES: tuple[tuple[str, typing.Callable[[Any], bool], str], ...] = (
     ("search.max_retry", lambda v: v >= 0, "must be >= 0"),
     ("finetune.lr", lambda v: v > 0.0, "must be > 0"),
     ("finetune.epochs", lambda v: v >= 1, "must be >= 1"),
+    ("finetune.gradcam", lambda v: v >= 0, "must be >= 0 (0: no galleries)"),
     ("finetune.augment", lambda v: v in AUGMENT_LEVELS, f"must be one of {', '.join(AUGMENT_LEVELS)}"),
 )
 

@@ -37,8 +37,6 @@ _PARAMS: dict[str, dict[str, Any]] = {
                    brightness=(0.6, 1.4), flip=True, contrast=0.1, saturation=0.1),
 }
 
-_AUGMENT_CALLS: int | None = tf.data.AUTOTUNE
-
 _FEATURES = {
     "image": tf.io.FixedLenFeature([], tf.string),
     "label": tf.io.FixedLenFeature([], tf.int64),
@@ -51,8 +49,9 @@ def augment_params(level: str) -> dict[str, Any]:
 
     Keys: ``rotation_deg`` (uniform +-; 180 means any angle), ``shift`` (fraction of the side,
     uniform +-), ``zoom`` (sampling-scale range: >1 shows more of the image, smaller, as in
-    Keras), ``shear_rad`` (uniform +-, radians), ``brightness`` (multiplier range), ``flip``
-    (horizontal and vertical, p=0.5 each), ``contrast``/``saturation`` (jitter, uniform +-).
+    Keras; one factor for both axes where Keras drew two), ``shear_rad`` (uniform +-, radians),
+    ``brightness`` (multiplier range), ``flip`` (horizontal and vertical, p=0.5 each),
+    ``contrast``/``saturation`` (jitter factor 1 +- this).
     """
     if level not in _PARAMS:
         raise InputError(f"augment level {level!r}: must be one of {', '.join(AUGMENT_LEVELS)}")
@@ -140,16 +139,27 @@ def _jitter(images: tf.Tensor, saturation: tf.Tensor, contrast: tf.Tensor) -> tf
 
     Done before the warp, in its own kernel: the warp is linear, so saturation commutes with
     it, and cross-channel maths fused into the warp made XLA redo the gathers per channel.
-    Contrast is about the mean of the retina field and masked to it, so that lowering contrast
-    does not lift the black surround to grey.
+    Contrast is about the mean of the retina field, and fades out below grey level 16, so that
+    lowering contrast does not lift the black surround (or its JPEG noise) towards grey.
     """
     x = tf.cast(images, tf.float32)
     gray = tf.reduce_mean(x, axis=-1, keepdims=True)
-    field = tf.cast(gray > 1.0, tf.float32)
+    field = tf.cast(gray > 16.0, tf.float32)
     mean = tf.reduce_sum(gray * field, axis=[1, 2, 3], keepdims=True) / tf.maximum(
         tf.reduce_sum(field, axis=[1, 2, 3], keepdims=True), 1.0)
     x = gray + saturation[:, None, None, None] * (x - gray)
-    return (mean + contrast[:, None, None, None] * (x - mean)) * field
+    contrasted = mean + contrast[:, None, None, None] * (x - mean)
+    return x + tf.clip_by_value(gray / 16.0, 0.0, 1.0) * (contrasted - x)
+
+
+@tf.function(jit_compile=True)
+def _geometry(images: tf.Tensor, u: tf.Tensor, level: str) -> tf.Tensor:
+    # Transforms and warp in one XLA call: run op by op, the small ops that build the
+    # transforms added ~10% to the augmentation cost at batch 4.
+    p = _PARAMS[level]
+    shape = tf.shape(images)
+    lo, hi = p["brightness"]
+    return _warp(images, _transforms(u, p, shape[1], shape[2]), lo + (hi - lo) * u[:, 8])
 
 
 def augment(images: tf.Tensor, level: str, seed: tf.Tensor | None = None) -> tf.Tensor:
@@ -180,16 +190,6 @@ def augment(images: tf.Tensor, level: str, seed: tf.Tensor | None = None) -> tf.
                          1.0 + p["contrast"] * (2.0 * u[:, 7] - 1.0))
     out = _geometry(images, u, level)
     return out[0] if single else out
-
-
-@tf.function(jit_compile=True)
-def _geometry(images: tf.Tensor, u: tf.Tensor, level: str) -> tf.Tensor:
-    # Parameters, transforms and warp in one XLA call: at batch 4 the dozens of small ops that
-    # build the transforms cost as much as the warp when run one by one.
-    p = _PARAMS[level]
-    shape = tf.shape(images)
-    lo, hi = p["brightness"]
-    return _warp(images, _transforms(u, p, shape[1], shape[2]), lo + (hi - lo) * u[:, 8])
 
 
 # --------------------------------------------------------------------------- reading
@@ -248,11 +248,12 @@ def decode_image(jpeg: tf.Tensor | bytes, size: int, out: int | None = None) -> 
 
 
 def _decoded(ds: tf.data.Dataset, size: int, image_size: int | None, n: int, cache: bool,
-             what: str) -> tf.data.Dataset:
-    """Parsed examples -> (uint8 image [S,S,3], int32 label), resized and cached if possible.
+             what: str) -> tuple[tf.data.Dataset, int]:
+    """Parsed examples -> (uint8 image [S,S,3], int32 label), resized and cached if it fits.
 
-    Resizing happens before the cache, so tiny test sizes also shrink the cache and the
-    (deterministic) resize runs once per image rather than once per epoch.
+    Also returns a shuffle buffer size: the whole set when cached (the buffer then holds
+    references to cached tensors), else a bounded one. Resizing happens before the cache, so
+    the (deterministic) resize runs once per image rather than once per epoch.
     """
     out = image_size or size
 
@@ -262,11 +263,11 @@ def _decoded(ds: tf.data.Dataset, size: int, image_size: int | None, n: int, cac
     ds = ds.map(decode, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     need, budget = n * out * out * 3, _cache_budget()
     if cache and need <= budget:
-        return ds.cache()
+        return ds.cache(), min(n, 1 << 16)
     if cache:
         logging.info("%s: not caching decoded images (%.2f GB > budget %.2f GB)",
                      what, need / 2**30, budget / 2**30)
-    return ds
+    return ds, min(n, 1024)
 
 
 def _parse(raw: tf.Tensor) -> dict:
@@ -278,7 +279,7 @@ def decode_split(data_dir: Path | str, split: str, meta: dict | None = None) -> 
     data_dir = Path(data_dir)
     entry, size, files = _split_meta(data_dir, split, meta)
     ds = _records(files).map(_parse, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-    return _decoded(ds, size, None, entry["n"], False, f"{data_dir}:{split}").with_options(_options())
+    return _decoded(ds, size, None, entry["n"], False, "")[0].with_options(_options())
 
 
 def train_dataset(
@@ -315,14 +316,13 @@ def train_dataset(
             # Filter on the parsed label before decoding, so each JPEG is decoded once and each
             # class keeps its own cache (and a shuffle buffer as large as the class).
             ds = parsed.filter(lambda ex, lab=label: tf.equal(ex["label"], lab))
-            ds = _decoded(ds, size, image_size, count, cache, f"{data_dir}:train[{label}]")
-            branches.append(ds.shuffle(min(count, 8192), seed=seed + 1 + label,
-                                       reshuffle_each_iteration=True).repeat())
+            ds, buffer = _decoded(ds, size, image_size, count, cache, f"{data_dir}:train[{label}]")
+            branches.append(ds.shuffle(buffer, seed=seed + 1 + label).repeat())
         ds = tf.data.Dataset.sample_from_datasets(branches, weights=[0.5, 0.5], seed=seed)
         steps = math.ceil(2 * max(counts) / batch_size)
     else:
-        ds = _decoded(parsed, size, image_size, entry["n"], cache, f"{data_dir}:train")
-        ds = ds.shuffle(min(entry["n"], 8192), seed=seed + 1, reshuffle_each_iteration=True).repeat()
+        ds, buffer = _decoded(parsed, size, image_size, entry["n"], cache, f"{data_dir}:train")
+        ds = ds.shuffle(buffer, seed=seed + 1).repeat()
         steps = math.ceil(entry["n"] / batch_size)
     ds = ds.batch(batch_size, drop_remainder=True).enumerate()
 
@@ -331,7 +331,7 @@ def train_dataset(
         images, labels = batch
         return augment(images, augment_level, tf.stack([tf.constant(seed, tf.int64), step])), labels
 
-    ds = ds.map(aug, num_parallel_calls=_AUGMENT_CALLS, deterministic=True)
+    ds = ds.map(aug, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     return ds.prefetch(tf.data.AUTOTUNE).with_options(_options()), steps
 
 
@@ -353,7 +353,10 @@ def eval_dataset(
     data_dir = Path(data_dir)
     entry, size, files = _split_meta(data_dir, split, meta)
     ds = _records(files).map(_parse, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-    ds = _decoded(ds, size, image_size, entry["n"], cache, f"{data_dir}:{split}")
+    ds = _decoded(ds, size, image_size, entry["n"], cache, f"{data_dir}:{split}")[0]
+    # meta.json knows the count: stating it lets Keras size predict() instead of warning that
+    # the input "ran out of data" at the end of every pass.
+    ds = ds.apply(tf.data.experimental.assert_cardinality(int(entry["n"])))
     ds = ds.batch(batch_size).map(lambda x, y: (tf.cast(x, tf.float32), y),
                                   num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     return ds.prefetch(tf.data.AUTOTUNE).with_options(_options())

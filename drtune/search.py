@@ -260,7 +260,7 @@ class Objective:
             result = train_and_evaluate(cfg, self.data_dir, run, callbacks=callbacks)
         except optuna.TrialPruned:
             last = trial.user_attrs.get("epochs_run", 0)
-            self._artifacts(trial, run, None)
+            self._artifacts(trial, run)
             _hparams(self.cfg, self.name, trial, _last_value(run), "pruned")
             logging.info("trial %d pruned after %d epoch(s)", trial.number, last)
             raise
@@ -280,11 +280,11 @@ class Objective:
             trial.set_user_attr("val_auc", result["val_auc"])
         metrics.plot_confusion_matrix(result["val"]["confusion_matrix"], run / "val_confusion_matrix.png",
                                       f"trial {trial.number}: validation at threshold {result['threshold']:.3f}")
-        self._artifacts(trial, run, result)
+        self._artifacts(trial, run)
         _hparams(self.cfg, self.name, trial, value, "complete")
         return value
 
-    def _artifacts(self, trial: optuna.Trial, run: Path, result: dict[str, Any] | None) -> None:
+    def _artifacts(self, trial: optuna.Trial, run: Path) -> None:
         from drtune import metrics
 
         if (run / "history.csv").is_file() and not (run / "history.png").is_file():
@@ -498,8 +498,28 @@ def finetune_best(cfg: Config, storage: str | None = None, name: str | None = No
         "test": {k: test[k] for k in ("balanced_accuracy", "accuracy", "auc", "sensitivity",
                                       "specificity", "n", "confusion_matrix", "ci95")},
     }
-    study.set_user_attr("finetune", summary)
     store = FileSystemArtifactStore(str(artifact_dir(cfg)))
     _upload(store, study, [out / "eval-test" / "confusion_matrix.png", out / "eval-test" / "roc.png",
                            out / "eval-test" / "metrics.json", out / "history.png"])
+    if ft.gradcam:
+        db = open_storage(cfg, storage)  # uploading to a FrozenTrial needs its storage
+        summary["gradcam"] = _galleries(study, best, run, out, data, ft.gradcam, store, db)
+    study.set_user_attr("finetune", summary)
     return summary
+
+
+def _galleries(study: optuna.Study, best: FrozenTrial, run: Path, out: Path, data: Path, n: int,
+               store: FileSystemArtifactStore, db: RDBStorage) -> dict[str, str]:
+    """Grad-CAM galleries of the best trial (on the trial) and of the fine-tuned model (on the
+    study), uploaded so that the dashboard shows where each model looks."""
+    from drtune.gradcam import gallery_artifacts, run_gradcam
+
+    dirs = {}
+    for target, run_dir in ((best, run), (study, out)):
+        gallery = run_dir / "gradcam-test"
+        run_gradcam(run_dir, gallery, data_dir=data, split="test", n=n)
+        for path in gallery_artifacts(gallery):
+            upload_artifact(artifact_store=store, file_path=str(path), study_or_trial=target,
+                            storage=db if target is best else None)
+        dirs["trial" if target is best else "finetune"] = str(gallery / "index.html")
+    return dirs

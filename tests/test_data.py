@@ -328,3 +328,14 @@ def test_fused_warp_matches_tensorflow_projective_transform(level: str) -> None:
     out = tf.function(data._warp, jit_compile=True)(tf.constant(x), t, tf.ones([8])).numpy()
     np.testing.assert_allclose(out, ref, atol=0.05)
     assert (ref[4:] == 0).mean() > 0.4  # the shifts really left the frame
+
+
+def test_strong_colour_jitter_keeps_near_black_near_black() -> None:
+    x = np.zeros((32, 16, 16, 3), np.float32)
+    x[:, :8] = 100.0  # the field
+    x[:, 8:, :, 0] = 3.0  # JPEG-like noise in the surround
+    out = data._jitter(tf.constant(x), tf.fill([32], 1.1), tf.fill([32], 0.9)).numpy()
+    assert out[:, 8:].max() < 5.0
+    assert np.allclose(out[:, :8].mean(axis=-1), 100.0, atol=1e-3)  # mean of the field kept
+    sat = data._jitter(tf.constant(disc_batch(2)), tf.fill([2], 0.5), tf.fill([2], 1.0)).numpy()
+    assert sat[0, 32, int(31.5 - 0.2 * S), 0] < 200  # the red marker lost saturation

@@ -61,6 +61,7 @@ n_trials = 3
 [finetune]
 lr = 1e-5
 epochs = 2
+gradcam = 4
 """
 
 
@@ -152,6 +153,11 @@ def test_finetune_best_writes_test_metrics(grid_study, capsys) -> None:
     assert cfg["model"]["width"] == 4
     names = sorted(m.filename for m in get_all_artifact_meta(study))
     assert "roc.png" in names and "confusion_matrix.png" in names
+    # Grad-CAM galleries: the fine-tuned model's on the study, the best trial's on the trial.
+    assert "index.html" in names and sum(n.endswith(".png") for n in names) > 4
+    best_names = [m.filename for m in get_all_artifact_meta(study.best_trial, storage=storage_url(load_config(path)))]
+    assert "index.html" in best_names
+    assert Path(ft["gradcam"]["finetune"]).is_file() and Path(ft["gradcam"]["trial"]).is_file()
     assert main(["status", "--config", str(path)]) == 0
     assert f"finetune of trial {ft['trial']}: test balanced accuracy" in capsys.readouterr().out
 
