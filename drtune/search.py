@@ -355,6 +355,45 @@ def search(cfg: Config, data_dir: Path | str | None = None, grid: bool = False,
                  f"grid of {_grid_size(cfg)} points" if grid else f"TPE, {budget} trial(s)", cfg.search.pruner)
     started = time.monotonic()
     callbacks = [_log_trial] + ([_StopWhenGridTaken(cfg)] if grid else [])
+    with _StaleWatcher(study, cfg.search.heartbeat_interval):
+        _loop(study, cfg, objective, grid, budget, timeout, started, callbacks)
+    _summary(study, grid, cfg)
+    return study
+
+
+class _StaleWatcher:
+    """Fail (and queue for retry) trials whose worker died, every heartbeat interval.
+
+    Optuna itself looks for dead trials only when a worker starts its next trial, which can be
+    a whole trial's time away; this thread notices them one interval after the grace period.
+    """
+
+    def __init__(self, study: optuna.Study, interval: float) -> None:
+        import threading
+
+        self.study, self.interval = study, interval
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, name="drtune-stale-watcher", daemon=True)
+
+    def _run(self) -> None:
+        while not self.stop.wait(self.interval):
+            try:
+                optuna.storages.fail_stale_trials(self.study)
+            except Exception as exc:  # noqa: BLE001 - a database hiccup must not kill the worker
+                logging.debug("stale-trial check failed: %s", exc)
+
+    def __enter__(self) -> "_StaleWatcher":
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop.set()
+        self.thread.join(timeout=10)
+
+
+def _loop(study: optuna.Study, cfg: Config, objective: Objective, grid: bool, budget: int | None,
+          timeout: float | None, started: float, callbacks: list[Any]) -> None:
+    """Run trials until the budget is spent, or the grid is done (waiting out other workers)."""
     while True:
         # Dead trials (of this or another worker) are failed, and queued for retry, here and
         # at the start of every trial.
@@ -375,8 +414,6 @@ def search(cfg: Config, data_dir: Path | str | None = None, grid: bool = False,
         # stops and the trial is retried here once the grace period has passed).
         logging.info("waiting for %d grid point(s) running elsewhere", len(running))
         time.sleep(cfg.search.heartbeat_interval)
-    _summary(study, grid, cfg)
-    return study
 
 
 class DuplicateTrial(Exception):
@@ -502,24 +539,29 @@ def finetune_best(cfg: Config, storage: str | None = None, name: str | None = No
     _upload(store, study, [out / "eval-test" / "confusion_matrix.png", out / "eval-test" / "roc.png",
                            out / "eval-test" / "metrics.json", out / "history.png"])
     if ft.gradcam:
-        db = open_storage(cfg, storage)  # uploading to a FrozenTrial needs its storage
-        summary["gradcam"] = _galleries(study, best, run, out, data, ft.gradcam, store, db)
+        summary["gradcam"] = _galleries(study, best, run, out, data, ft.gradcam, store)
     study.set_user_attr("finetune", summary)
     return summary
 
 
 def _galleries(study: optuna.Study, best: FrozenTrial, run: Path, out: Path, data: Path, n: int,
-               store: FileSystemArtifactStore, db: RDBStorage) -> dict[str, str]:
-    """Grad-CAM galleries of the best trial (on the trial) and of the fine-tuned model (on the
-    study), uploaded so that the dashboard shows where each model looks."""
+               store: FileSystemArtifactStore) -> dict[str, str]:
+    """Grad-CAM galleries of the best trial's and the fine-tuned model, uploaded to the study so
+    that the dashboard shows where each looks (a finished trial takes no more artifacts, so
+    both go to the study, their files prefixed ``trial-NNNN_`` and ``finetuned_``)."""
+    import shutil
+    import tempfile
+
     from drtune.gradcam import gallery_artifacts, run_gradcam
 
     dirs = {}
-    for target, run_dir in ((best, run), (study, out)):
+    for key, prefix, run_dir in (("trial", f"trial-{best.number:04d}_", run), ("finetune", "finetuned_", out)):
         gallery = run_dir / "gradcam-test"
         run_gradcam(run_dir, gallery, data_dir=data, split="test", n=n)
-        for path in gallery_artifacts(gallery):
-            upload_artifact(artifact_store=store, file_path=str(path), study_or_trial=target,
-                            storage=db if target is best else None)
-        dirs["trial" if target is best else "finetune"] = str(gallery / "index.html")
+        with tempfile.TemporaryDirectory() as tmp:
+            for path in gallery_artifacts(gallery):
+                named = Path(tmp) / f"{prefix}{path.name}"
+                shutil.copyfile(path, named)
+                upload_artifact(artifact_store=store, file_path=str(named), study_or_trial=study)
+        dirs[key] = str(gallery / "index.html")
     return dirs

@@ -154,9 +154,10 @@ def test_finetune_best_writes_test_metrics(grid_study, capsys) -> None:
     names = sorted(m.filename for m in get_all_artifact_meta(study))
     assert "roc.png" in names and "confusion_matrix.png" in names
     # Grad-CAM galleries: the fine-tuned model's on the study, the best trial's on the trial.
-    assert "index.html" in names and sum(n.endswith(".png") for n in names) > 4
-    best_names = [m.filename for m in get_all_artifact_meta(study.best_trial, storage=storage_url(load_config(path)))]
-    assert "index.html" in best_names
+    best = f"trial-{ft['trial']:04d}_"
+    assert "finetuned_index.html" in names and f"{best}index.html" in names
+    assert sum(n.startswith("finetuned_") and n.endswith(".png") for n in names) == 4
+    assert sum(n.startswith(best) and n.endswith(".png") for n in names) == 4
     assert Path(ft["gradcam"]["finetune"]).is_file() and Path(ft["gradcam"]["trial"]).is_file()
     assert main(["status", "--config", str(path)]) == 0
     assert f"finetune of trial {ft['trial']}: test balanced accuracy" in capsys.readouterr().out
