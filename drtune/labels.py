@@ -52,7 +52,7 @@ def _find_column(header: list[str], candidates: tuple[str, ...]) -> int | None:
     return None
 
 
-def read_labels(csv_path: Path) -> tuple[list[LabelRow], list[Problem]]:
+def read_labels(csv_path: Path, allow_empty: bool = False) -> tuple[list[LabelRow], list[Problem]]:
     """Parse a grade CSV into rows and per-row problems.
 
     Structural faults (unreadable file, missing column, no rows) raise :class:`InputError`
@@ -122,7 +122,7 @@ def read_labels(csv_path: Path) -> tuple[list[LabelRow], list[Problem]]:
             continue
         first_row[key] = line_no
         rows.append(LabelRow(name=key, grade=grade, row=line_no))
-    if not rows and not problems:
+    if not rows and not problems and not allow_empty:
         raise InputError(f"{csv_path}: label CSV has a header but no rows")
     return rows, problems
 

@@ -382,12 +382,16 @@ def _plan(source: Source, opts: PrepareOptions) -> tuple[list[_Plan], list[Probl
     tr_pairs = [tr_pairs[i] for i in rng.permutation(len(tr_pairs))]
     plans = [_Plan("train", tr_pairs), _Plan("val", [by_name[r.name] for r in va])]
     if source.test_images is not None and source.test_labels is not None:
-        test_rows, p = read_labels(source.test_labels)
+        test_rows, p = read_labels(source.test_labels, allow_empty=True)
         problems += p
-        test_images, p = list_images(source.test_images)
-        problems += p
-        test_pairs, p = match(test_rows, test_images, source.test_labels, source.test_images)
-        problems += p
+        if test_rows or p:
+            test_images, p = list_images(source.test_images)
+            problems += p
+            test_pairs, p = match(test_rows, test_images, source.test_labels, source.test_images)
+            problems += p
+        else:
+            logging.warning("%s has no rows: the test split is empty", source.test_labels)
+            test_pairs = []
         plans.append(_Plan("test", test_pairs))
     else:
         plans.append(_Plan("test", []))
