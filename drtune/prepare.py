@@ -1,8 +1,9 @@
 """Fundus photographs + grades -> TFRecord shards + meta.json, written once, read by training.
 
 The expensive work (JPEG decode, field detection, crop, resize, re-encode) runs in a pool of
-worker threads using OpenCV/numpy, which release the GIL; TensorFlow only serialises the shards. Output is built in a temporary directory beside the destination and renamed into
-place only when complete, so a failed or interrupted run never leaves half a data set.
+worker threads using OpenCV/numpy, which release the GIL; TensorFlow only serialises the
+shards. Output is built in a temporary directory beside the destination and renamed into place
+only when complete, so a failed or interrupted run never leaves half a data set.
 """
 
 from __future__ import annotations

@@ -33,3 +33,16 @@ def prepared(synth_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Path
     out = tmp_path_factory.mktemp("data") / "data"
     prepare(find_idrid(synth_root), out, PrepareOptions(size=64, workers=1, seed=0))
     return out
+
+
+@pytest.fixture(scope="session")
+def run(prepared: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny trained run (2 epochs, 48 px) for evaluate/predict/gradcam tests."""
+    from drtune.config import load_config
+    from drtune.train import train_and_evaluate
+
+    out = tmp_path_factory.mktemp("runs") / "run"
+    cfg = load_config(None, ["model.width=4", "data.image_size=48", "train.batch_size=4",
+                             "train.steps_per_epoch=4", "train.epochs=2"])
+    train_and_evaluate(cfg, prepared, out)
+    return out

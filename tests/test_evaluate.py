@@ -12,22 +12,11 @@ import pytest
 
 from conftest import shared_dir
 from drtune.cli import main
-from drtune.config import load_config
 from drtune.errors import InputError
 from drtune.evaluate import evaluate_run, predict_files
 from drtune.synth import TEST_IMAGES
-from drtune.train import train_and_evaluate
 
 SAMPLES = shared_dir("fundus-samples")
-
-
-@pytest.fixture(scope="module")
-def run(prepared: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("runs") / "run"
-    cfg = load_config(None, ["model.width=4", "data.image_size=48", "train.batch_size=4",
-                             "train.steps_per_epoch=4", "train.epochs=2"])
-    train_and_evaluate(cfg, prepared, out)
-    return out
 
 
 def test_evaluate_writes_report(run: Path, prepared: Path, capsys) -> None:

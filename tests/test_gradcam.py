@@ -100,15 +100,6 @@ def test_model_without_feature_layer() -> None:
 # --------------------------------------------------------------------------- gallery
 
 
-@pytest.fixture(scope="module")
-def run(prepared: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("runs") / "run"
-    cfg = load_config(None, ["model.width=4", "data.image_size=48", "train.batch_size=4",
-                             "train.steps_per_epoch=4", "train.epochs=2"])
-    train_and_evaluate(cfg, prepared, out)
-    return out
-
-
 def _links(index: Path) -> list[str]:
     return [unquote(m) for m in re.findall(r'(?:href|src)="([^"]+)"', index.read_text())]
 
