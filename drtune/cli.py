@@ -155,7 +155,11 @@ def cmd_dashboard(args: argparse.Namespace) -> int:
 
 
 def _cfg_flag(args: argparse.Namespace) -> str:
-    return f" --config {args.config}" if args.config else ""
+    """The flags that find this study again, for the hints printed after a command."""
+    flags = [f"--config {args.config}"] if args.config else []
+    flags += [f"--storage {args.storage}"] if args.storage else []
+    flags += [f"--study {args.study}"] if args.study else []
+    return "".join(" " + f for f in flags)
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -226,7 +230,7 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
 
 def _add_evaluate(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("evaluate", help="evaluate a run on a split",
-                       description="Metrics with bootstrap 95%% CIs, confusion matrix and ROC of RUN on a "
+                       description="Metrics with bootstrap 95% CIs, confusion matrix and ROC of RUN on a "
                                    "split, at the threshold frozen on validation; writes RUN/eval-SPLIT/.")
     p.add_argument("run", type=Path, help="run directory")
     p.add_argument("--data", type=Path, help="data directory (default: the one the run trained on)")
@@ -240,7 +244,7 @@ def _add_predict(sub: argparse._SubParsersAction) -> None:
                        description="Preprocess raw fundus photographs as 'prepare' does and predict "
                                    "P(RDR) and the decision at the run's threshold.")
     p.add_argument("run", type=Path, help="run directory")
-    p.add_argument("images", type=Path, nargs="+", help="photographs (JPEG/PNG)")
+    p.add_argument("images", type=Path, nargs="+", help="photographs (JPEG, PNG, TIFF, BMP)")
     p.add_argument("--out", type=Path, help="CSV file (default: print to stdout)")
     p.set_defaults(handler=cmd_predict)
 
@@ -270,8 +274,8 @@ def _add_gradcam(sub: argparse._SubParsersAction) -> None:
 
 def _study_args(p: argparse.ArgumentParser, data: bool = True, overrides: bool = True) -> None:
     p.add_argument("--config", type=Path, help="study TOML (default: studies/demo.toml)")
-    p.add_argument("--storage", help="SQLAlchemy URL (default: $DRTUNE_STORAGE, else the study's, "
-                                     "else sqlite:///runs/optuna.db)")
+    p.add_argument("--storage", help="SQLAlchemy URL (default: $DRTUNE_STORAGE, else the study's "
+                                     "search.storage, else sqlite:///<search.workdir>/optuna.db)")
     p.add_argument("--study", help="study name (default: the study's)")
     if data:
         p.add_argument("--data", type=Path, help="prepared data directory (default: the study's data.dir)")
@@ -326,8 +330,9 @@ def _add_dashboard(sub: argparse._SubParsersAction) -> None:
 
 def _add_demo(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("demo", help="run the whole pipeline on synthetic data",
-                       description="synth -> prepare -> train (studies/demo.toml) -> evaluate, in a "
-                                   "few minutes on a CPU. Re-running reuses finished steps.")
+                       description="synth -> prepare -> grid search (studies/demo.toml) -> finetune "
+                                   "--best -> test report, in a few minutes on a CPU. Re-running "
+                                   "reuses finished steps.")
     p.add_argument("--workdir", type=Path, default=Path("demo-work"), help="default: demo-work")
     p.add_argument("--config", type=Path, help="study file (default: studies/demo.toml)")
     p.set_defaults(handler=cmd_demo)
@@ -367,7 +372,14 @@ def setup_logging(verbose: bool = False, quiet: bool = False) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``drtune`` console script; returns the exit code."""
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        # `gradcam RUN --out DIR a.jpg b.jpg`: argparse cannot put positionals after an option
+        # into an optional (nargs="*") list, so take them here; anything else is an error.
+        if args.command == "gradcam" and not any(e.startswith("-") for e in extra):
+            args.images = list(args.images) + [Path(e) for e in extra]
+        else:
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
     args.argv = list(sys.argv[1:] if argv is None else argv)  # for worker processes
     setup_logging(args.verbose, args.quiet)
     try:

@@ -48,6 +48,8 @@ def evaluate_run(run_dir: Path | str, data_dir: Path | str | None = None, split:
 
     if split not in ("train", "val", "test"):
         raise InputError(f"--split {split!r}: must be train, val or test")
+    if n_boot < 1:
+        raise InputError(f"--n-boot {n_boot}: must be >= 1")
     run = Path(run_dir)
     model, info, run_metrics = load_run(run)
     data_dir = Path(data_dir or info["data_dir"])
@@ -90,9 +92,10 @@ def _fmt_ci(ci: Sequence[float] | None) -> str:
 
 
 def _write_csv(path: Path, header: list[str], rows: list[list[Any]]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
     with tmp.open("w", newline="") as f:
-        writer = csv.writer(f)
+        writer = csv.writer(f, lineterminator="\n")
         writer.writerow(header)
         writer.writerows(rows)
     os.replace(tmp, path)

@@ -155,9 +155,14 @@ def list_images(folder: Path) -> tuple[dict[str, Path], list[Problem]]:
 
 
 def match(
-    rows: list[LabelRow], images: dict[str, Path], csv_path: Path, folder: Path
+    rows: list[LabelRow], images: dict[str, Path], csv_path: Path, folder: Path,
+    reported: set[str] = frozenset(),  # type: ignore[assignment]
 ) -> tuple[list[tuple[LabelRow, Path]], list[Problem]]:
-    """Pair CSV rows with image files; rows without an image and images without a row are problems."""
+    """Pair CSV rows with image files; rows without an image and images without a row are problems.
+
+    ``reported`` names images whose row was already reported as bad (e.g. grade 7): their image
+    has a row, so it is not reported again as having none.
+    """
     pairs: list[tuple[LabelRow, Path]] = []
     problems: list[Problem] = []
     for row in rows:
@@ -168,7 +173,7 @@ def match(
             )
         else:
             pairs.append((row, path))
-    named = {row.name for row in rows}
+    named = {row.name for row in rows} | set(reported)
     for stem, path in images.items():
         if stem not in named:
             problems.append(Problem(str(path), f"image has no row in {csv_path}", stem))

@@ -303,6 +303,10 @@ def split_train_val(
     groups: dict[str, list[LabelRow]] = {}
     for row in rows:
         groups.setdefault(group_key(row.name, pattern), []).append(row)
+    if pattern is not None and len(groups) == len(rows):
+        logging.warning("--group-pattern %r groups no two images (matched %d of %d names): "
+                        "every image is its own group", group_pattern,
+                        sum(bool(pattern.search(r.name)) for r in rows), len(rows))
     keys = sorted(groups)
     if len(keys) < 2:
         raise InputError(
@@ -314,7 +318,7 @@ def split_train_val(
     counts = Counter(y)
     stratify = y if len(counts) > 1 and min(counts.values()) >= 2 and n_val >= len(counts) else None
     if stratify is None:
-        logging.warning("validation split is not stratified: too few images of one class")
+        logging.warning("validation split is not stratified: too few images (or groups) of one class")
     train_keys, val_keys = train_test_split(keys, test_size=n_val, stratify=stratify, random_state=seed)
     return ([r for k in sorted(train_keys) for r in groups[k]],
             [r for k in sorted(val_keys) for r in groups[k]])
@@ -361,13 +365,19 @@ class _Plan:
     rows: list[tuple[LabelRow, Path]] = field(default_factory=list)
 
 
+def _bad_rows(problems: list[Problem]) -> set[str]:
+    """Image names (stems) of CSV rows already reported as bad."""
+    return {Path(p.name).stem for p in problems if p.name}
+
+
 def _plan(source: Source, opts: PrepareOptions) -> tuple[list[_Plan], list[Problem]]:
     problems: list[Problem] = []
     train_rows, p = read_labels(source.train_labels)
     problems += p
     train_images, p = list_images(source.train_images)
     problems += p
-    train_pairs, p = match(train_rows, train_images, source.train_labels, source.train_images)
+    train_pairs, p = match(train_rows, train_images, source.train_labels, source.train_images,
+                           _bad_rows(problems))
     problems += p
     if not train_pairs:
         raise InputError(
@@ -383,12 +393,13 @@ def _plan(source: Source, opts: PrepareOptions) -> tuple[list[_Plan], list[Probl
     tr_pairs = [tr_pairs[i] for i in rng.permutation(len(tr_pairs))]
     plans = [_Plan("train", tr_pairs), _Plan("val", [by_name[r.name] for r in va])]
     if source.test_images is not None and source.test_labels is not None:
-        test_rows, p = read_labels(source.test_labels, allow_empty=True)
-        problems += p
-        if test_rows or p:
+        test_rows, p_rows = read_labels(source.test_labels, allow_empty=True)
+        problems += p_rows
+        if test_rows or p_rows:
             test_images, p = list_images(source.test_images)
             problems += p
-            test_pairs, p = match(test_rows, test_images, source.test_labels, source.test_images)
+            test_pairs, p = match(test_rows, test_images, source.test_labels, source.test_images,
+                                  _bad_rows(p_rows))
             problems += p
         else:
             logging.warning("%s has no rows: the test split is empty", source.test_labels)

@@ -40,9 +40,17 @@ warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning
 
 
 def storage_url(cfg: Config, override: str | None = None) -> str:
-    """``--storage``, else ``$DRTUNE_STORAGE``, else the config, else SQLite under the workdir."""
+    """``--storage``, else ``$DRTUNE_STORAGE``, else the config, else SQLite under the workdir.
+
+    ``postgresql://`` and ``postgres://`` mean the psycopg2 driver that drtune installs
+    (SQLAlchemy 2 would otherwise look for psycopg 3).
+    """
     url = override or os.environ.get(STORAGE_ENV) or cfg.search.storage
-    return url or f"sqlite:///{Path(cfg.search.workdir) / 'optuna.db'}"
+    url = url or f"sqlite:///{Path(cfg.search.workdir) / 'optuna.db'}"
+    for plain in ("postgresql://", "postgres://"):
+        if url.startswith(plain):
+            return "postgresql+psycopg2://" + url[len(plain):]
+    return url
 
 
 def redact(url: str) -> str:
@@ -55,8 +63,12 @@ def redact(url: str) -> str:
         return url.split("@")[-1]
 
 
-def open_storage(cfg: Config, override: str | None = None) -> RDBStorage:
-    """An RDB storage with heartbeats and retry of dead trials; clear errors for bad URLs."""
+def open_storage(cfg: Config, override: str | None = None, create: bool = True) -> RDBStorage:
+    """An RDB storage with heartbeats and retry of dead trials; clear errors for bad URLs.
+
+    ``create=False`` (status, dashboard, finetune) refuses a SQLite file that does not exist
+    instead of silently creating an empty database from a typo.
+    """
     import sqlalchemy.exc
 
     url = storage_url(cfg, override)
@@ -66,6 +78,9 @@ def open_storage(cfg: Config, override: str | None = None) -> RDBStorage:
         engine_kwargs = {"connect_args": {"timeout": 60}}
         path = url.split("///", 1)[-1]
         if path and path != ":memory:":
+            if not create and not Path(path).is_file():
+                raise InputError(f"storage {url}: no such database file (run 'drtune search' first, "
+                                 "or pass --config/--storage for another study)")
             Path(path).parent.mkdir(parents=True, exist_ok=True)
     else:
         engine_kwargs = {"pool_pre_ping": True}
@@ -77,6 +92,9 @@ def open_storage(cfg: Config, override: str | None = None) -> RDBStorage:
                 heartbeat_stale_trial_callback=_RetryUnlessDone(cfg.search.max_retry))
         except (sqlalchemy.exc.ArgumentError, sqlalchemy.exc.NoSuchModuleError, ValueError) as exc:
             raise InputError(f"storage {redact(url)}: not a usable database URL ({exc})") from None
+        except ImportError as exc:
+            raise InputError(f"storage {redact(url)}: its database driver is not installed ({exc.name or exc}); "
+                             "drtune supports sqlite:/// and postgresql+psycopg2://") from None
         except sqlalchemy.exc.OperationalError as exc:
             reason = str(exc.orig).strip().splitlines()[0] if exc.orig else "connection failed"
             raise DrtuneError(f"storage {redact(url)}: cannot connect ({reason})") from None
@@ -119,7 +137,7 @@ def artifact_dir(cfg: Config) -> Path:
 
 def load_study(cfg: Config, storage: str | None = None, name: str | None = None) -> optuna.Study:
     """An existing study, or a clear error listing the studies that the storage holds."""
-    store = open_storage(cfg, storage)
+    store = open_storage(cfg, storage, create=False)
     name = study_name(cfg, name)
     try:
         return optuna.load_study(study_name=name, storage=store)
@@ -132,9 +150,18 @@ def load_study(cfg: Config, storage: str | None = None, name: str | None = None)
 # --------------------------------------------------------------------------- sampling
 
 
+def _no_space(cfg: Config, want: str) -> InputError:
+    other = "[search.space]" if want == "[search.grid]" else "[search.grid]"
+    has_other = bool(cfg.search.space if want == "[search.grid]" else cfg.search.grid)
+    hint = (f"drop --grid to sample its {other} with TPE" if want == "[search.grid]" else
+            f"pass --grid to run its {other}") if has_other else \
+        "add [search.grid] (lists, for --grid) or [search.space] (ranges, for TPE) to the study file"
+    return InputError(f"study {cfg.name!r} has no {want} section; {hint}")
+
+
 def grid_space(cfg: Config) -> dict[str, list[Any]]:
     if not cfg.search.grid:
-        raise InputError(f"config {cfg.name!r} has no [search.grid] section; drop --grid to use TPE")
+        raise _no_space(cfg, "[search.grid]")
     return {k: list(v) for k, v in cfg.search.grid.items()}
 
 
@@ -155,7 +182,7 @@ def sample(trial: optuna.Trial, cfg: Config, grid: bool) -> Config:
                 values[key] = trial.suggest_float(key, float(spec["low"]), float(spec["high"]),
                                                   step=spec.get("step"), log=bool(spec.get("log", False)))
         if not values:
-            raise InputError(f"config {cfg.name!r} has no [search.space] section to sample from")
+            raise _no_space(cfg, "[search.space]")
     return config_lib.replace(cfg, **values)
 
 
@@ -200,6 +227,21 @@ def _trial_attrs_callback(trial: optuna.Trial) -> Any:
     return TrialAttrs()
 
 
+def _pruning_callback(trial: optuna.Trial, epochs: int) -> Any:
+    """Optuna's Keras pruning callback, except at the last epoch: a trial that ran every epoch
+    is complete, and pruning it then would only hide its result from ``finetune --best``."""
+    from optuna_integration import KerasPruningCallback
+
+    class Pruning(KerasPruningCallback):
+        def on_epoch_end(self, epoch: int, logs: dict[str, float] | None = None) -> None:
+            if epoch + 1 < epochs:
+                super().on_epoch_end(epoch, logs)
+            elif logs and logs.get(MONITOR) is not None:
+                trial.report(float(logs[MONITOR]), step=epoch)
+
+    return Pruning(trial, MONITOR)
+
+
 def _run_dir(trial: optuna.Trial, cfg: Config, name: str) -> Path:
     """The trial's run directory; a retried trial reuses its dead predecessor's to resume."""
     frozen = next(t for t in trial.study.get_trials(deepcopy=False) if t.number == trial.number)
@@ -238,7 +280,6 @@ class Objective:
 
     def __call__(self, trial: optuna.Trial) -> float:
         import keras
-        from optuna_integration import KerasPruningCallback
 
         from drtune import metrics
         from drtune.train import TrainingDiverged, train_and_evaluate
@@ -255,7 +296,7 @@ class Objective:
             trial.set_user_attr("cuda_visible_devices", os.environ["CUDA_VISIBLE_DEVICES"])
         logging.info("trial %d: %s -> %s", trial.number,
                      " ".join(f"{k}={v}" for k, v in trial.params.items()), run)
-        callbacks = [_trial_attrs_callback(trial), KerasPruningCallback(trial, MONITOR)]
+        callbacks = [_trial_attrs_callback(trial), _pruning_callback(trial, cfg.train.epochs)]
         try:
             result = train_and_evaluate(cfg, self.data_dir, run, callbacks=callbacks)
         except optuna.TrialPruned:
@@ -326,7 +367,7 @@ def create_study(cfg: Config, grid: bool, storage: str | None = None, name: str 
     if grid:
         grid_space(cfg)
     elif not cfg.search.space:
-        raise InputError(f"config {cfg.name!r} has no [search.space] section; use --grid for its grid")
+        raise _no_space(cfg, "[search.space]")
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # drtune logs each trial itself
     return optuna.create_study(study_name=study_name(cfg, name), storage=open_storage(cfg, storage),
                                direction="maximize", sampler=make_sampler(cfg, grid),
@@ -344,6 +385,7 @@ def search(cfg: Config, data_dir: Path | str | None = None, grid: bool = False,
     load_meta(data)  # fail now, not in the first trial
     name = study_name(cfg, name)
     study = create_study(cfg, grid, storage, name)
+    _warn_if_config_changed(study, cfg)
     study.set_user_attr("config", config_lib.to_dict(cfg))
     study.set_user_attr("data_dir", str(data))
     artifacts = artifact_dir(cfg)
@@ -359,6 +401,20 @@ def search(cfg: Config, data_dir: Path | str | None = None, grid: bool = False,
         _loop(study, cfg, objective, grid, budget, timeout, started, callbacks)
     _summary(study, grid, cfg)
     return study
+
+
+def _warn_if_config_changed(study: optuna.Study, cfg: Config) -> None:
+    """Resuming a study with other fixed settings mixes incomparable trials: say so."""
+    old = study.user_attrs.get("config")
+    if not old:
+        return
+    new = config_lib.to_dict(cfg)
+    keys = sorted(f"{s}.{k}" for s in ("data", "model", "train") for k in new[s]
+                  if old.get(s, {}).get(k) != new[s][k] and f"{s}.{k}" not in cfg.search.grid
+                  and f"{s}.{k}" not in cfg.search.space)
+    if keys:
+        logging.warning("study %r ran so far with other settings for %s; its trials will not be "
+                        "comparable (use --study NAME for a new study)", study.study_name, ", ".join(keys))
 
 
 class _StaleWatcher:
@@ -522,6 +578,12 @@ def finetune_best(cfg: Config, storage: str | None = None, name: str | None = No
                                               "finetune.epochs": ft.epochs, "finetune.augment": ft.augment})
     data = Path(data_dir) if data_dir else Path(trial_cfg.data.dir)
     out = Path(cfg.search.workdir) / study.study_name / f"finetune-trial-{best.number:04d}"
+    done = study.user_attrs.get("finetune")
+    if done and done.get("trial") == best.number and done.get("run_dir") == str(out) \
+            and (out / "eval-test" / "metrics.json").is_file():
+        # Already fine-tuned and recorded: uploading its artifacts again would list them twice.
+        logging.info("trial %d is already fine-tuned (%s); delete that folder to redo it", best.number, out)
+        return done
     logging.info("fine-tuning trial %d (value %.4f) from %s: lr %g, %d epochs, %s augmentation -> %s",
                  best.number, best.value, run / "model.keras", ft.lr, ft.epochs, ft.augment, out)
     import keras
@@ -559,7 +621,9 @@ def _galleries(study: optuna.Study, best: FrozenTrial, run: Path, out: Path, dat
         gallery = run_dir / "gradcam-test"
         run_gradcam(run_dir, gallery, data_dir=data, split="test", n=n)
         with tempfile.TemporaryDirectory() as tmp:
-            for path in gallery_artifacts(gallery):
+            # The PNGs only: the dashboard stores artifacts under ids, so the gallery's
+            # index.html could not find its images there (it is in the run directory).
+            for path in (p for p in gallery_artifacts(gallery) if p.suffix == ".png"):
                 named = Path(tmp) / f"{prefix}{path.name}"
                 shutil.copyfile(path, named)
                 upload_artifact(artifact_store=store, file_path=str(named), study_or_trial=study)

@@ -10,6 +10,7 @@ from typing import Any
 from absl import logging
 
 from drtune.config import Config
+from drtune.errors import DrtuneError
 from drtune.search import artifact_dir, load_study, open_storage, redact, storage_url
 
 
@@ -54,7 +55,7 @@ def status_text(cfg: Config, storage: str | None = None, name: str | None = None
                   f"{_fmt(test.get('sensitivity'), '.3f')}, specificity {_fmt(test.get('specificity'), '.3f')}, "
                   f"n={test['n']}", f"      run directory {ft['run_dir']}"]
     else:
-        lines.append("finetune: not run yet ('drtune finetune --best')")
+        lines.append("finetune: not run yet ('drtune finetune --best' with the same --config/--storage)")
     return "\n".join(lines)
 
 
@@ -66,7 +67,7 @@ def serve_dashboard(cfg: Config, storage: str | None = None, host: str = "127.0.
     from optuna.artifacts import FileSystemArtifactStore
     from optuna_dashboard import run_server
 
-    store = open_storage(cfg, storage)
+    store = open_storage(cfg, storage, create=False)
     artifacts = artifact_dir(cfg)
     artifacts.mkdir(parents=True, exist_ok=True)
     shown = f"[{host}]" if ":" in host else host
@@ -74,4 +75,8 @@ def serve_dashboard(cfg: Config, storage: str | None = None, host: str = "127.0.
           f"(artifacts in {artifacts}); Ctrl-C to stop", flush=True)
     if host not in ("127.0.0.1", "localhost", "::1"):
         logging.warning("the dashboard has no authentication and is reachable on %s", host)
-    run_server(store, host=host, port=port, artifact_store=FileSystemArtifactStore(str(artifacts)))
+    try:
+        run_server(store, host=host, port=port, artifact_store=FileSystemArtifactStore(str(artifacts)))
+    except OSError as exc:
+        raise DrtuneError(f"cannot serve on {host}:{port} ({exc.strerror or exc}); "
+                          "pass another --port") from None

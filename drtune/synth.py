@@ -392,7 +392,8 @@ def make_synthetic(out: Path | str, n_train: int = 48, n_test: int = 12, width: 
               ("jpeg_quality", jpeg_quality, 1 <= jpeg_quality <= 100, "in 1..100")]
     for name, value, ok, rule in checks:
         if not ok or not isinstance(value, int) or isinstance(value, bool):
-            raise InputError(f"{name}: must be an integer {rule}, got {value!r}")
+            flag = "--" + name.replace("_", "-")  # the command-line spelling users typed
+            raise InputError(f"{flag}: must be an integer {rule}, got {value!r}")
     out = Path(out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise InputError(f"{out}: already exists and is not empty; choose another directory")

@@ -221,6 +221,10 @@ def train_and_evaluate(
     val_ds = data.eval_dataset(data_dir, "val", cfg.train.eval_batch_size, cache=cfg.data.cache,
                                image_size=image_size, meta=meta)
     y_val = data.split_labels(data_dir, "val", meta)
+    if len(set(y_val.tolist())) < 2:
+        logging.warning("%s: the validation split holds only %s images: balanced accuracy and AUC "
+                        "on it say nothing, and the best model and threshold are arbitrary",
+                        data_dir, ("NRDR", "RDR")[int(y_val[0])])
 
     state_path = workdir / "checkpoints" / "state.json"
     epochs_done = json.loads(state_path.read_text())["epochs_done"] if state_path.is_file() else 0

@@ -74,7 +74,19 @@ def test_predict_real_photos_and_unreadable_file(run: Path, tmp_path: Path) -> N
         assert r["error"] == "" and 0.0 <= float(r["p_rdr"]) <= 1.0 and r["decision"] in ("NRDR", "RDR")
 
 
+def test_predict_creates_output_folder_and_gradcam_takes_images_anywhere(run: Path, synth_root: Path,
+                                                                       tmp_path: Path) -> None:
+    photo = sorted((synth_root / TEST_IMAGES).glob("*.jpg"))[0]
+    out = tmp_path / "new" / "dir" / "p.csv"
+    assert main(["predict", str(run), str(photo), "--out", str(out)]) == 0
+    assert out.read_bytes().count(b"\r") == 0 and len(out.read_text().splitlines()) == 2
+    assert main(["gradcam", str(run), "--out", str(tmp_path / "g"), str(photo)]) == 0
+    assert (tmp_path / "g" / "index.html").is_file()
+
+
 def test_bad_runs_and_splits(run: Path, prepared: Path, tmp_path: Path, capsys) -> None:
+    assert main(["evaluate", str(run), "--n-boot", "0"]) == 2
+    assert "--n-boot 0: must be >= 1" in capsys.readouterr().err
     empty = tmp_path / "empty-run"
     empty.mkdir()
     assert main(["evaluate", str(empty)]) == 2

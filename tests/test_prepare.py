@@ -252,7 +252,8 @@ def test_bad_grades(synth_root: Path, tmp_path: Path, grade: str, needle: str) -
     name = lines[4].split(",")[0]
     lines[4] = f"{name},{grade},0"
     labels.write_text("\n".join(lines) + "\n")
-    _prepare_fails(images, labels, tmp_path / "out", f"{labels} row 5", needle)
+    msg = _prepare_fails(images, labels, tmp_path / "out", f"{labels} row 5", needle)
+    assert msg.startswith("1 problem(s)"), "the image of a bad row is not also reported as row-less"
 
 
 def test_duplicate_names(synth_root: Path, tmp_path: Path) -> None:

@@ -155,12 +155,16 @@ def test_finetune_best_writes_test_metrics(grid_study, capsys) -> None:
     assert "roc.png" in names and "confusion_matrix.png" in names
     # Grad-CAM galleries: the fine-tuned model's on the study, the best trial's on the trial.
     best = f"trial-{ft['trial']:04d}_"
-    assert "finetuned_index.html" in names and f"{best}index.html" in names
+    assert not any(n.endswith("index.html") for n in names)  # its links would not resolve there
     assert sum(n.startswith("finetuned_") and n.endswith(".png") for n in names) == 4
     assert sum(n.startswith(best) and n.endswith(".png") for n in names) == 4
     assert Path(ft["gradcam"]["finetune"]).is_file() and Path(ft["gradcam"]["trial"]).is_file()
     assert main(["status", "--config", str(path)]) == 0
     assert f"finetune of trial {ft['trial']}: test balanced accuracy" in capsys.readouterr().out
+    # A second run finds the recorded result and uploads nothing twice.
+    assert main(["finetune", "--best", "--config", str(path)]) == 0
+    assert len(get_all_artifact_meta(optuna.load_study(study_name="tiny", storage=storage_url(
+        load_config(path))))) == len(names)
 
 
 def test_finetune_without_completed_trial(prepared: Path, tmp_path: Path, capsys) -> None:
@@ -231,6 +235,16 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def test_dashboard_on_a_busy_port_is_a_clear_error(grid_study, capsys) -> None:
+    path, _ = grid_study
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        assert main(["dashboard", "--config", str(path), "--port", str(port)]) == 1
+    assert f"cannot serve on 127.0.0.1:{port}" in capsys.readouterr().err
+
+
 def test_dashboard_serves_the_study(grid_study) -> None:
     path, study = grid_study
     port = _free_port()
@@ -268,6 +282,16 @@ def test_dashboard_serves_the_study(grid_study) -> None:
 def test_storage_errors_are_clear(tmp_path: Path, capsys) -> None:
     assert main(["status", "--storage", "nosuchdb://x", "--study", "s"]) == 2
     assert "not a usable database URL" in capsys.readouterr().err
+    assert main(["status", "--storage", "mysql://u:pw@127.0.0.1/db", "--study", "s"]) == 2
+    err = capsys.readouterr().err
+    assert "database driver is not installed" in err and "pw" not in err.replace("postgresql", "")
+    # A typo in a SQLite path must not create an empty database.
+    missing = tmp_path / "nope" / "optuna.db"
+    assert main(["status", "--storage", f"sqlite:///{missing}", "--study", "s"]) == 2
+    assert "no such database file" in capsys.readouterr().err and not missing.parent.exists()
+    # Plain postgresql:// means the installed psycopg2 driver.
+    assert main(["status", "--storage", "postgresql://u:pw@127.0.0.1:1/db", "--study", "s"]) == 1
+    assert "cannot connect" in capsys.readouterr().err
     url = "postgresql+psycopg2://drtune:s3cret@127.0.0.1:1/optuna"
     assert main(["status", "--storage", url, "--study", "s"]) == 1
     err = capsys.readouterr().err

@@ -260,7 +260,8 @@ def test_failure_midway_leaves_nothing(tmp_path: Path, monkeypatch: pytest.Monke
      ({"jpeg_quality": 101}, "jpeg_quality"), ({"seed": -1}, "seed"), ({"width": 64.5}, "width")],
 )
 def test_bad_arguments_are_input_errors(tmp_path: Path, kwargs: dict, name: str) -> None:
-    with pytest.raises(InputError, match=f"^{name}:"):
+    flag = "--" + name.replace("_", "-")  # named as the command line spells it
+    with pytest.raises(InputError, match=f"^{flag}:"):
         make_synthetic(tmp_path / "data", **kwargs)
     assert not (tmp_path / "data").exists()
 
