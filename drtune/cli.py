@@ -205,7 +205,7 @@ def _add_prepare(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--group-pattern", help="regex whose first group keeps related images in one "
                                            r"split, e.g. '(Patient\d+)_[LR]'")
     p.add_argument("--seed", type=int, default=0, help="split seed (default 0)")
-    p.add_argument("--workers", type=int, default=0, help="worker processes (default: all cores)")
+    p.add_argument("--workers", type=int, default=0, help="worker threads (default: all cores)")
     p.add_argument("--on-error", choices=("fail", "skip"), default="fail",
                    help="on bad input: report all problems and write nothing (fail, default), "
                         "or leave bad items out and list them in meta.json (skip)")

@@ -10,6 +10,7 @@ import csv
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterable
 
 from drtune.errors import InputError
 
@@ -156,7 +157,7 @@ def list_images(folder: Path) -> tuple[dict[str, Path], list[Problem]]:
 
 def match(
     rows: list[LabelRow], images: dict[str, Path], csv_path: Path, folder: Path,
-    reported: set[str] = frozenset(),  # type: ignore[assignment]
+    reported: Iterable[str] = (),
 ) -> tuple[list[tuple[LabelRow, Path]], list[Problem]]:
     """Pair CSV rows with image files; rows without an image and images without a row are problems.
 

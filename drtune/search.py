@@ -119,12 +119,20 @@ class _RetryUnlessDone:
 
     def __call__(self, study: optuna.Study, trial: FrozenTrial) -> None:
         live = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING, TrialState.WAITING)
-        if any(t.params == trial.params and t.number != trial.number
-               for t in study.get_trials(deepcopy=False, states=live)):
+        if _twin(study, trial.number, trial.params, live) is not None:
             logging.info("trial %d died; its parameters ran in another trial, not retrying", trial.number)
             return
         logging.warning("trial %d died (no heartbeat); retrying it with the same parameters", trial.number)
         self._retry(study, trial)
+
+
+def _twin(study: optuna.Study, number: int, params: dict[str, Any], states: tuple[TrialState, ...],
+          earlier: bool = False) -> FrozenTrial | None:
+    """Another trial (an earlier one, with ``earlier``) in ``states`` with the same parameters."""
+    for other in study.get_trials(deepcopy=False, states=states):
+        if other.number != number and other.params == params and (not earlier or other.number < number):
+            return other
+    return None
 
 
 def study_name(cfg: Config, override: str | None = None) -> str:
@@ -338,12 +346,10 @@ class Objective:
 
 
 def _last_value(run: Path) -> float:
-    import csv
+    from drtune.train import read_history
 
     try:
-        with (run / "history.csv").open() as f:
-            rows = list(csv.DictReader(f))
-        return float(rows[-1][MONITOR])
+        return float(read_history(run / "history.csv")[-1][MONITOR])
     except (OSError, IndexError, KeyError, ValueError):
         return float("nan")
 
@@ -394,7 +400,7 @@ def search(cfg: Config, data_dir: Path | str | None = None, grid: bool = False,
     budget = n_trials if n_trials is not None else (None if grid else cfg.search.n_trials)
     timeout = timeout if timeout is not None else (cfg.search.timeout or None)
     logging.info("study %r in %s: %s, pruner %s", name, redact(storage_url(cfg, storage)),
-                 f"grid of {_grid_size(cfg)} points" if grid else f"TPE, {budget} trial(s)", cfg.search.pruner)
+                 f"grid of {len(_grid_points(cfg))} points" if grid else f"TPE, {budget} trial(s)", cfg.search.pruner)
     started = time.monotonic()
     callbacks = [_log_trial] + ([_StopWhenGridTaken(cfg)] if grid else [])
     with _StaleWatcher(study, cfg.search.heartbeat_interval):
@@ -494,12 +500,12 @@ class _StopWhenGridTaken:
 def _check_duplicate(trial: optuna.Trial) -> None:
     """Fail this trial (as a recorded duplicate) if an earlier live one has its parameters."""
     live = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING)
-    for other in trial.study.get_trials(deepcopy=False, states=live):
-        if other.number < trial.number and other.params == trial.params:
-            trial.set_user_attr("duplicate_of", other.number)
-            logging.info("trial %d: grid point already taken by trial %d; skipping it",
-                         trial.number, other.number)
-            raise DuplicateTrial(f"duplicate of trial {other.number}")
+    other = _twin(trial.study, trial.number, trial.params, live, earlier=True)
+    if other is not None:
+        trial.set_user_attr("duplicate_of", other.number)
+        logging.info("trial %d: grid point already taken by trial %d; skipping it",
+                     trial.number, other.number)
+        raise DuplicateTrial(f"duplicate of trial {other.number}")
 
 
 def _waiting(study: optuna.Study) -> list[FrozenTrial]:
@@ -530,20 +536,13 @@ def _running_points(study: optuna.Study, cfg: Config) -> list[tuple[Any, ...]]:
     return [p for p in _grid_points(cfg) if p in running and p not in done]
 
 
-def _grid_size(cfg: Config) -> int:
-    size = 1
-    for values in cfg.search.grid.values():
-        size *= len(values)
-    return size
-
-
 def _summary(study: optuna.Study, grid: bool, cfg: Config) -> None:
     states = [t.state for t in study.get_trials(deepcopy=False)]
     counts = {s.name: states.count(s) for s in TrialState if states.count(s)}
     logging.info("study %r: %s", study.study_name, ", ".join(f"{n} {k.lower()}" for k, n in counts.items()))
     if grid:
         done = _points_of(study, cfg, (TrialState.COMPLETE, TrialState.PRUNED))
-        logging.info("grid: %d of %d points finished", len(done), _grid_size(cfg))
+        logging.info("grid: %d of %d points finished", len(done), len(_grid_points(cfg)))
     try:
         best = study.best_trial
         logging.info("best: trial %d, value %.4f, %s", best.number, best.value,

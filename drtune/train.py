@@ -118,7 +118,8 @@ class Checkpoints(keras.callbacks.Callback):
         write_json(ckpt / "state.json", {"epochs_done": epoch + 1})
 
 
-def _read_history(path: Path) -> list[dict[str, str]]:
+def read_history(path: Path) -> list[dict[str, str]]:
+    """Rows of a run's ``history.csv`` (CSVLogger), [] when it does not exist yet."""
     if not path.is_file():
         return []
     with path.open(newline="") as f:
@@ -127,7 +128,7 @@ def _read_history(path: Path) -> list[dict[str, str]]:
 
 def _trim_history(path: Path, epochs_done: int) -> list[dict[str, str]]:
     """Keep only rows of finished epochs (a kill can land between the checkpoint and the CSV)."""
-    rows = [r for r in _read_history(path) if int(r["epoch"]) < epochs_done]
+    rows = [r for r in read_history(path) if int(r["epoch"]) < epochs_done]
     if path.is_file():
         with path.open("w", newline="") as f:
             if rows:
@@ -264,7 +265,7 @@ def train_and_evaluate(
         model.fit(train_ds, epochs=cfg.train.epochs, initial_epoch=epochs_done, steps_per_epoch=steps,
                   callbacks=cbs, verbose=0, shuffle=False)
     seconds = time.monotonic() - t0
-    history = _read_history(workdir / "history.csv")
+    history = read_history(workdir / "history.csv")
     losses = [float(r["loss"]) for r in history]
     if not history or not all(math.isfinite(v) for v in losses):
         raise TrainingDiverged(
