@@ -39,6 +39,26 @@ def load_run(run_dir: Path | str) -> tuple[Any, dict[str, Any], dict[str, Any]]:
     return model, json.loads((run / "data.json").read_text()), json.loads((run / "metrics.json").read_text())
 
 
+# The `prepare` options a model is tied to: (key, flag, value an older meta.json/data.json
+# without the key implies). Pixels alone do not show these differences: a model evaluated on a
+# Graham-normalised copy, or on labels cut at another grade, gives wrong metrics without error.
+PREPARED_WITH: tuple[tuple[str, str, Any], ...] = (
+    ("size", "--size", None), ("normalize", "--normalize", "none"), ("rdr_grade", "--rdr-grade", 2))
+
+
+def check_data_matches_run(meta: dict[str, Any], info: dict[str, Any], data_dir: Path | str,
+                           run_dir: Path | str) -> None:
+    """``InputError`` naming the first ``prepare`` option on which ``DATA/meta.json`` and the
+    run's ``data.json`` disagree (``PREPARED_WITH``); evaluate and gradcam call it before any work."""
+    for key, flag, default in PREPARED_WITH:
+        have, want = meta.get(key, default), info.get(key, default)
+        if default is None or isinstance(default, int):  # JSON may hold 256 or "256"
+            have, want = (None if v is None else int(v) for v in (have, want))
+        if have != want:
+            raise InputError(f"{data_dir}: prepared with {key}={have} but {run_dir} was trained on "
+                             f"{key}={want}; prepare it with {flag} {want}")
+
+
 def evaluate_run(run_dir: Path | str, data_dir: Path | str | None = None, split: str = "test",
                  n_boot: int = 1000, batch_size: int = 32) -> dict[str, Any]:
     """Metrics of a run on ``split`` at its frozen threshold; writes ``RUN/eval-<split>/``."""
@@ -54,8 +74,7 @@ def evaluate_run(run_dir: Path | str, data_dir: Path | str | None = None, split:
     model, info, run_metrics = load_run(run)
     data_dir = Path(data_dir or info["data_dir"])
     meta = load_meta(data_dir)
-    if int(meta["size"]) != int(info["size"]):
-        raise InputError(f"{data_dir}: images are {meta['size']} px but {run} was trained on {info['size']} px")
+    check_data_matches_run(meta, info, data_dir, run)
     if meta["splits"].get(split, {}).get("n", 0) == 0:
         raise InputError(f"{data_dir}: split {split!r} is empty; nothing to evaluate")
     image_size = info["input_size"] if info["input_size"] != info["size"] else None

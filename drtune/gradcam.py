@@ -274,18 +274,17 @@ def _write_index(out: Path, summary: dict[str, Any]) -> None:
     (out / "index.html").write_text(page, encoding="utf-8")
 
 
-def _split_batch(model: Any, info: dict[str, Any], data_dir: Path, split: str, n: int,
+def _split_batch(model: Any, info: dict[str, Any], run_dir: Path, data_dir: Path, split: str, n: int,
                  threshold: float) -> tuple[np.ndarray, list[str], list[int], int]:
     """(images, names, labels) of the ``n`` gallery images of a prepared split, and its size."""
     from drtune import data
+    from drtune.evaluate import check_data_matches_run
     from drtune.prepare import load_meta
 
     if split not in ("train", "val", "test"):
         raise InputError(f"--split {split!r}: must be train, val or test")
     meta = load_meta(data_dir)
-    if int(meta["size"]) != int(info["size"]):
-        raise InputError(f"{data_dir}: images are {meta['size']} px but the run was trained on "
-                         f"{info['size']} px")
+    check_data_matches_run(meta, info, data_dir, run_dir)
     size = info["input_size"] if info["input_size"] != info["size"] else None
     ds = data.eval_dataset(data_dir, split, 32, cache=False, image_size=size, meta=meta)
     y = data.split_labels(data_dir, split, meta)
@@ -333,7 +332,7 @@ def run_gradcam(run_dir: Path | str, out_dir: Path | str, data_dir: Path | str |
         summary.update(source=f"{len(paths)} photograph(s)", n_split=len(paths))
     else:
         data_dir = Path(data_dir or info["data_dir"])
-        batch, names, labels, n_split = _split_batch(model, info, data_dir, split, n, threshold)
+        batch, names, labels, n_split = _split_batch(model, info, Path(run_dir), data_dir, split, n, threshold)
         errors, files = [None] * len(names), [f"{data_dir}:{split}"] * len(names)
         summary.update(source=f"{split} split of {data_dir}", split=split, data_dir=str(data_dir),
                        n_split=n_split, selection=SELECTION)
