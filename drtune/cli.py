@@ -20,7 +20,7 @@ from drtune import __version__
 from drtune.errors import DrtuneError, InputError
 
 Handler = Callable[[argparse.Namespace], int]
-DEFAULT_STUDY = Path("studies") / "demo.toml"  # relative: defaults work from the repository root
+DEFAULT_STUDY = "demo"  # the built-in study (package data): defaults work from any directory
 
 
 # --------------------------------------------------------------------------- handlers
@@ -98,13 +98,13 @@ def cmd_gradcam(args: argparse.Namespace) -> int:
 
 
 def _study_config(args: argparse.Namespace):  # -> Config (typed lazily: config is cheap anyway)
-    """The study config of search/finetune/status/dashboard: --config, else studies/demo.toml."""
+    """The study config of search/finetune/status/dashboard: --config, else the built-in demo."""
     from drtune.config import load_config
 
     path = args.config
-    if path is None and DEFAULT_STUDY.is_file():
+    if path is None:
         path = DEFAULT_STUDY
-        logging.info("using %s (pass --config for another study)", path)
+        logging.info("using the built-in %s study (pass --config for another study)", path)
     extra = {"data.dir": str(args.data)} if getattr(args, "data", None) else {}
     return load_config(path, getattr(args, "set", None) or (), extra=extra)
 
@@ -222,7 +222,8 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
                                    "holds an unfinished run with the same config.")
     p.add_argument("--data", type=Path, help="prepared data directory (default: data.dir of the config)")
     p.add_argument("--out", type=Path, required=True, help="run directory")
-    p.add_argument("--config", type=Path, help="study/config TOML (default: built-in defaults)")
+    p.add_argument("--config", type=Path,
+                   help="study/config TOML or a built-in study's name, e.g. demo (default: built-in defaults)")
     p.add_argument("--set", action="append", metavar="KEY=VALUE",
                    help="override a config value, e.g. --set train.lr=1e-4 (repeatable)")
     p.set_defaults(handler=cmd_train)
@@ -273,7 +274,8 @@ def _add_gradcam(sub: argparse._SubParsersAction) -> None:
 
 
 def _study_args(p: argparse.ArgumentParser, data: bool = True, overrides: bool = True) -> None:
-    p.add_argument("--config", type=Path, help="study TOML (default: studies/demo.toml)")
+    p.add_argument("--config", type=Path,
+                   help="study TOML, or a built-in study: demo, idrid_grid, idrid (default: demo)")
     p.add_argument("--storage", help="SQLAlchemy URL (default: $DRTUNE_STORAGE, else the study's "
                                      "search.storage, else sqlite:///<search.workdir>/optuna.db)")
     p.add_argument("--study", help="study name (default: the study's)")
@@ -330,11 +332,11 @@ def _add_dashboard(sub: argparse._SubParsersAction) -> None:
 
 def _add_demo(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("demo", help="run the whole pipeline on synthetic data",
-                       description="synth -> prepare -> grid search (studies/demo.toml) -> finetune "
+                       description="synth -> prepare -> grid search (the built-in demo study) -> finetune "
                                    "--best -> test report, in a few minutes on a CPU. Re-running "
                                    "reuses finished steps.")
     p.add_argument("--workdir", type=Path, default=Path("demo-work"), help="default: demo-work")
-    p.add_argument("--config", type=Path, help="study file (default: studies/demo.toml)")
+    p.add_argument("--config", type=Path, help="study file or built-in study name (default: demo)")
     p.set_defaults(handler=cmd_demo)
 
 

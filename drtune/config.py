@@ -309,6 +309,31 @@ def merge(values: dict[str, Any], overrides: Mapping[str, Any]) -> dict[str, Any
     return merged
 
 
+# Studies installed with the package (package data), so `--config demo` works from any directory.
+BUILTIN_STUDIES = Path(__file__).resolve().with_name("studies")
+
+
+def builtin_studies() -> list[str]:
+    """Names of the built-in studies (``demo``, ``idrid_grid``, ...), for ``--config NAME``."""
+    return sorted(p.stem for p in BUILTIN_STUDIES.glob("*.toml"))
+
+
+def resolve_study_path(path: Path | str) -> Path:
+    """The study file ``path`` names: an existing file wins; else a bare name (``demo``,
+    ``demo.toml``) or the repository spelling ``studies/demo.toml`` is the built-in study of that
+    name. ``InputError`` naming ``path`` and listing the built-in studies if neither exists."""
+    given = Path(path)
+    if given.is_file():
+        return given
+    parts = given.parts
+    if len(parts) == 1 or (len(parts) == 2 and parts[0] == "studies"):
+        stem = given.stem if given.suffix == ".toml" else given.name
+        packaged = BUILTIN_STUDIES / f"{stem}.toml"
+        if packaged.is_file():
+            return packaged
+    raise InputError(f"{path}: config file not found (built-in studies: {', '.join(builtin_studies())})")
+
+
 def read_toml(path: Path | str) -> dict[str, Any]:
     """Read a TOML file with errors that name it."""
     path = Path(path)
@@ -324,8 +349,11 @@ def load_config(path: Path | str | None = None, overrides: Sequence[str] = (),
                 extra: Mapping[str, Any] | None = None) -> Config:
     """Load a study/config TOML file (or the defaults), then apply ``--set`` overrides.
 
+    ``path`` goes through ``resolve_study_path``: a file, or a built-in study's name.
+
     ``extra`` holds dotted keys set by other command-line flags (``--data``), applied last.
     """
+    path = resolve_study_path(path) if path is not None else None
     values = read_toml(path) if path is not None else {}
     source = str(path) if path is not None else "defaults"
     pairs = dict(parse_override(o) for o in overrides)

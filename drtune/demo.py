@@ -18,12 +18,12 @@ DEMO_STUDY = Path("studies") / "demo.toml"
 
 def run_demo(workdir: Path | str = "demo-work", study: Path | str | None = None) -> dict[str, Any]:
     """Run the demo with all its files under ``workdir``; return the fine-tuned test summary."""
-    from drtune.config import load_config
+    from drtune.config import load_config, resolve_study_path
     from drtune.prepare import PrepareOptions, find_idrid, prepare
     from drtune.search import finetune_best, search, storage_url
     from drtune.synth import make_synthetic
 
-    study = Path(study or DEMO_STUDY)
+    study = resolve_study_path(study or DEMO_STUDY)
     if not study.is_file():
         raise InputError(f"{study}: demo study not found; run from the repository root or pass --config")
     workdir = Path(workdir)

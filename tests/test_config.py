@@ -68,8 +68,8 @@ def test_bad_overrides() -> None:
 
 
 def test_shipped_studies_load() -> None:
-    studies = sorted((REPO / "studies").glob("*.toml"))
-    assert studies, "studies/ holds at least the demo study"
+    studies = sorted((REPO / "drtune" / "studies").glob("*.toml"))  # package data
+    assert studies, "drtune/studies/ holds at least the demo study"
     for path in studies:
         first = path.read_text().splitlines()[0]
         assert first.startswith("#") and "drtune" in first, f"{path}: header names its command"
