@@ -75,9 +75,13 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
     rows = predict_files(args.run, args.images, args.out)
     if args.out is None:
-        print("name,p_rdr,decision,threshold,error")
+        import csv
+
+        # The csv module quotes names and error messages that hold commas or quotes.
+        writer = csv.writer(sys.stdout, lineterminator="\n")
+        writer.writerow(["name", "p_rdr", "decision", "threshold", "error"])
         for r in rows:
-            print(f"{r['name']},{r['p_rdr']},{r['decision']},{r['threshold']:.4f},{r['error']}")
+            writer.writerow([r["name"], r["p_rdr"], r["decision"], f"{r['threshold']:.4f}", r["error"]])
     return 1 if all(r["error"] for r in rows) else 0
 
 
@@ -190,9 +194,12 @@ def _add_prepare(sub: argparse._SubParsersAction) -> None:
         "prepare", help="fundus photographs + grades -> TFRecord shards",
         description="Detect the retina field, crop, resize and split fundus photographs, and write "
                     "TFRecord shards plus meta.json. SRC is an IDRiD folder ('B. Disease Grading' "
-                    "layout); for other layouts use --images and --labels.")
+                    "layout); for other layouts use --images and --labels. --test-images and "
+                    "--test-labels alone make a test-only folder (external validation with "
+                    "'drtune evaluate RUN --data OUT').")
     p.add_argument("src", type=Path, nargs="?", help="IDRiD root or 'B. Disease Grading' folder")
-    p.add_argument("--out", type=Path, required=True, help="output data directory (must not exist)")
+    p.add_argument("--out", type=Path, required=True,
+                   help="output data directory (must not exist, and must not hold the input)")
     p.add_argument("--images", type=Path, help="folder of training photographs")
     p.add_argument("--labels", type=Path, help="CSV with 'Image name,Retinopathy grade' columns")
     p.add_argument("--test-images", type=Path, help="folder of test photographs")
@@ -212,7 +219,8 @@ def _add_prepare(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--normalize", choices=("none", "graham"), default="none",
                    help="optional colour normalisation (graham: local-average subtraction)")
     p.add_argument("--jpeg-quality", type=int, default=95, help="JPEG quality of crops (default 95)")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an existing output of 'drtune prepare' (a folder with meta.json)")
     p.set_defaults(handler=cmd_prepare)
 
 

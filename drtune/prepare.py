@@ -8,11 +8,15 @@ only when complete, so a failed or interrupted run never leaves half a data set.
 
 from __future__ import annotations
 
+import errno
 import io
 import json
 import math
 import os
+import re
 import shutil
+import socket
+import sys
 import tempfile
 import time
 from collections import Counter
@@ -26,7 +30,7 @@ import numpy as np
 from absl import logging
 
 from drtune import __version__
-from drtune.errors import InputError
+from drtune.errors import DrtuneError, InputError
 from drtune.labels import (
     LabelRow,
     Problem,
@@ -43,13 +47,22 @@ ON_ERROR: tuple[str, ...] = ("fail", "skip")
 
 @dataclass(frozen=True)
 class Source:
-    """Where the photographs and grade CSVs are; test images are optional."""
+    """Where the photographs and grade CSVs are.
 
-    train_images: Path
-    train_labels: Path
+    Test images are optional; training images are too, for a test-only folder (external
+    validation of a trained model on another site's photographs).
+    """
+
+    train_images: Path | None
+    train_labels: Path | None
     test_images: Path | None = None
     test_labels: Path | None = None
     description: str = ""
+
+    def inputs(self) -> list[Path]:
+        """Every file or folder ``prepare`` reads; an output folder must hold none of them."""
+        return [p for p in (self.train_images, self.train_labels, self.test_images, self.test_labels)
+                if p is not None]
 
 
 @dataclass(frozen=True)
@@ -152,8 +165,14 @@ def resolve_source(
             raise InputError("--test-images and --test-labels must be given together")
         return Source(Path(images), Path(labels), test_images and Path(test_images),
                       test_labels and Path(test_labels), f"images {images}, labels {labels}")
+    if src is None and test_images is not None and test_labels is not None:
+        return Source(None, None, Path(test_images), Path(test_labels),
+                      f"test images {test_images}, labels {test_labels}")
     if src is None:
-        raise InputError("give a source folder (IDRiD layout) or --images DIR --labels CSV")
+        if (test_images is None) != (test_labels is None):
+            raise InputError("--test-images and --test-labels must be given together")
+        raise InputError("give a source folder (IDRiD layout), --images DIR --labels CSV, or "
+                         "--test-images DIR --test-labels CSV alone for a test-only folder")
     return find_idrid(Path(src))
 
 
@@ -180,8 +199,37 @@ def _reduce_flag(width: int, height: int, size: int) -> int:
     return cv2.IMREAD_COLOR
 
 
+def _jpeg_has_end(data: bytes) -> bool:
+    """Whether a JPEG's image data is followed by an end-of-image marker (FFD9).
+
+    Walks the marker segments to the first start-of-scan, so an EXIF thumbnail's own end marker
+    (inside APP1) does not count, then looks for FFD9 anywhere after it: inside entropy-coded
+    data every FF byte is followed by 00 or a restart marker, so the first FFD9 is the image's
+    end, however much is appended after it (motion photos carry a whole video there).
+    """
+    i, n = 2, len(data)
+    while i + 4 <= n:
+        if data[i] != 0xFF:
+            break  # not a marker where one must be: let the decoder judge the damage
+        marker = data[i + 1]
+        if marker == 0xFF:  # fill byte before a marker
+            i += 1
+            continue
+        if marker == 0xDA:
+            return data.find(b"\xff\xd9", i + 2) != -1
+        if marker == 0x01 or 0xD0 <= marker <= 0xD7:  # markers without a length
+            i += 2
+            continue
+        i += 2 + int.from_bytes(data[i + 2:i + 4], "big")
+    return data.find(b"\xff\xd9", 2) != -1
+
+
 def decode_image(data: bytes, size: int, where: str = "image") -> np.ndarray:
-    """Decode image bytes to RGB uint8 at the smallest resolution that still serves ``size``."""
+    """Decode image bytes to RGB uint8 at the smallest resolution that still serves ``size``.
+
+    Every way the bytes can be bad raises :class:`ImageError`, so that one hostile file (a
+    truncated upload, a header claiming 30000x30000 pixels) stays that file's problem.
+    """
     import cv2
     from PIL import Image, UnidentifiedImageError
 
@@ -190,14 +238,22 @@ def decode_image(data: bytes, size: int, where: str = "image") -> np.ndarray:
     try:
         with Image.open(io.BytesIO(data)) as probe:
             width, height = probe.size  # reads the header only
-    except (UnidentifiedImageError, OSError) as exc:
+    except Image.DecompressionBombError as exc:
+        # PIL refuses headers above 2x its pixel limit (~179 Mpx) before allocating anything;
+        # no fundus camera comes near that, so it is a damaged or malicious file.
+        raise ImageError(f"image too large (header claims more than {2 * Image.MAX_IMAGE_PIXELS} "
+                         "pixels; a damaged file or a decompression bomb)") from exc
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
         raise ImageError("not an image file (cannot identify format)") from exc
-    if data[:2] == b"\xff\xd8" and b"\xff\xd9" not in data[-4096:]:
+    if data[:2] == b"\xff\xd8" and not _jpeg_has_end(data):
         # libjpeg fills a truncated scan with grey and only prints a warning, so check the end
         # marker ourselves rather than train on half-grey photos.
         raise ImageError("truncated JPEG (no end-of-image marker)")
     buf = np.frombuffer(data, dtype=np.uint8)
-    bgr = cv2.imdecode(buf, _reduce_flag(width, height, size))
+    try:
+        bgr = cv2.imdecode(buf, _reduce_flag(width, height, size))
+    except (cv2.error, MemoryError) as exc:  # OpenCV's own pixel limit, or no memory for it
+        raise ImageError(f"cannot be decoded ({width}x{height}: {str(exc).strip()[:200]})") from exc
     if bgr is None:
         raise ImageError("cannot be decoded (corrupt image data)")
     return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
@@ -371,18 +427,24 @@ def _bad_rows(problems: list[Problem]) -> set[str]:
 
 
 def _plan(source: Source, opts: PrepareOptions) -> tuple[list[_Plan], list[Problem]]:
+    if source.train_images is None or source.train_labels is None:
+        plans, problems = [_Plan("train"), _Plan("val")], []  # a test-only folder
+    else:
+        plans, problems = _plan_train(source.train_images, source.train_labels, opts)
+    test_plans, test_problems = _plan_test(source)
+    return plans + test_plans, problems + test_problems
+
+
+def _plan_train(images: Path, labels: Path, opts: PrepareOptions) -> tuple[list[_Plan], list[Problem]]:
     problems: list[Problem] = []
-    train_rows, p = read_labels(source.train_labels)
+    train_rows, p = read_labels(labels)
     problems += p
-    train_images, p = list_images(source.train_images)
+    train_images, p = list_images(images)
     problems += p
-    train_pairs, p = match(train_rows, train_images, source.train_labels, source.train_images,
-                           _bad_rows(problems))
+    train_pairs, p = match(train_rows, train_images, labels, images, _bad_rows(problems))
     problems += p
     if not train_pairs:
-        raise InputError(
-            f"{source.train_labels}: no row matches an image in {source.train_images}"
-        )
+        raise InputError(f"{labels}: no row matches an image in {images}")
     by_name = dict((row.name, (row, path)) for row, path in train_pairs)
     tr, va = split_train_val([r for r, _ in train_pairs], opts.val_fraction, opts.rdr_grade,
                              opts.group_pattern, opts.seed)
@@ -391,7 +453,12 @@ def _plan(source: Source, opts: PrepareOptions) -> tuple[list[_Plan], list[Probl
     rng = np.random.default_rng(opts.seed)
     tr_pairs = [by_name[r.name] for r in tr]
     tr_pairs = [tr_pairs[i] for i in rng.permutation(len(tr_pairs))]
-    plans = [_Plan("train", tr_pairs), _Plan("val", [by_name[r.name] for r in va])]
+    return [_Plan("train", tr_pairs), _Plan("val", [by_name[r.name] for r in va])], problems
+
+
+def _plan_test(source: Source) -> tuple[list[_Plan], list[Problem]]:
+    problems: list[Problem] = []
+    plans: list[_Plan] = []
     if source.test_images is not None and source.test_labels is not None:
         test_rows, p_rows = read_labels(source.test_labels, allow_empty=True)
         problems += p_rows
@@ -415,11 +482,92 @@ def _dir_bytes(folder: Path) -> int:
     return sum(p.stat().st_size for p in folder.iterdir() if p.is_file())
 
 
+def check_output(out: Path, source: Source, overwrite: bool) -> None:
+    """Refuse an ``out`` that would destroy anything but an earlier ``prepare`` output.
+
+    ``--overwrite`` on a folder that holds the photographs (``--out`` equal to, or above, the
+    input) would delete them, so such an ``out`` is refused whatever the flags; an existing
+    ``out`` is replaced only when it is empty or has a ``meta.json`` (a drtune data folder).
+    """
+    real_out = out.resolve()  # symlinks and '..' must not hide that out holds an input
+    for path in source.inputs():
+        real = path.resolve()
+        if real == real_out or real_out in real.parents:
+            raise InputError(f"--out {out}: is or contains the input {path}; choose a new folder "
+                             "for the prepared data")
+    if not out.exists() and not out.is_symlink():
+        return
+    if not out.is_dir():
+        raise InputError(f"{out}: exists and is not a directory")
+    if not overwrite:
+        raise InputError(f"{out}: output directory already exists (use --overwrite to replace it)")
+    if not (out / "meta.json").is_file() and any(out.iterdir()):
+        raise InputError(f"{out}: not a 'drtune prepare' output (no meta.json); --overwrite "
+                         "replaces only those: remove it yourself or choose another --out")
+
+
+# Temporary output folders are named .OUT.tmp-HOST-PID-XXXX so that a later run can tell a
+# folder left by a killed run (same host, process gone) from one that a live run is writing.
+_TMP_RE = r"\.{name}\.tmp-(?P<host>.+)-(?P<pid>\d+)-[a-z0-9_]+"
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
+
+
+def remove_stale_temps(out: Path) -> list[Path]:
+    """Delete temporary folders of ``out`` left by killed ``prepare`` runs on this host."""
+    pattern = re.compile(_TMP_RE.format(name=re.escape(out.name)))
+    host = socket.gethostname()
+    removed = []
+    if not out.parent.is_dir():
+        return removed
+    for tmp in sorted(out.parent.glob(f".{out.name}.tmp-*")):
+        m = pattern.fullmatch(tmp.name)
+        if m is None or m["host"] != host or not tmp.is_dir() or _pid_alive(int(m["pid"])):
+            continue  # another host's run may be alive: only its own host can tell
+        shutil.rmtree(tmp, ignore_errors=True)
+        logging.info("removed %s, a stale temporary folder of process %s (killed while writing)",
+                     tmp, m["pid"])
+        removed.append(tmp)
+    return removed
+
+
+def _write_failed(exc: BaseException, out: Path) -> DrtuneError:
+    """A one-line error for a failed write (disk full, permissions) that says what to do."""
+    tf = sys.modules.get("tensorflow")
+    full = (tf is not None and isinstance(exc, tf.errors.ResourceExhaustedError)
+            or getattr(exc, "errno", None) in (errno.ENOSPC, errno.EDQUOT))
+    if full:
+        return DrtuneError(f"{out.parent}: no space left on device while writing {out.name}; "
+                           "nothing was written: free space there or choose another --out")
+    detail = getattr(exc, "strerror", None) or getattr(exc, "message", None) or str(exc)
+    where = getattr(exc, "filename", None) or out.parent
+    return DrtuneError(f"{where}: cannot write ({detail}); nothing was written: fix that or "
+                       "choose another --out")
+
+
+def _is_tf_error(exc: BaseException) -> bool:
+    """A TensorFlow I/O error (``ResourceExhaustedError`` on a full disk), without importing TF
+    when it was never loaded."""
+    tf = sys.modules.get("tensorflow")
+    return tf is not None and isinstance(exc, tf.errors.OpError)
+
+
 def _install(tmp: Path, out: Path, overwrite: bool) -> None:
     """Move the finished ``tmp`` to ``out``; an old ``out`` is removed only after the swap."""
     if out.exists():
         if not overwrite:  # re-checked: another process may have created it meanwhile
             raise InputError(f"{out}: output directory already exists (use --overwrite to replace it)")
+        if not (out / "meta.json").is_file() and any(out.iterdir()):
+            raise InputError(f"{out}: not a 'drtune prepare' output (no meta.json); --overwrite "
+                             "replaces only those: remove it yourself or choose another --out")
         old = out.with_name(f".{out.name}.old-{os.getpid()}")
         os.replace(out, old)
         os.replace(tmp, out)
@@ -437,17 +585,15 @@ def prepare(source: Source, out: Path | str, opts: PrepareOptions = PrepareOptio
     """
     opts.validate()
     out = Path(out)
-    if out.exists() and not opts.overwrite:
-        raise InputError(f"{out}: output directory already exists (use --overwrite to replace it)")
-    if out.exists() and not out.is_dir():
-        raise InputError(f"{out}: exists and is not a directory")
+    check_output(out, source, opts.overwrite)
     plans, problems = _plan(source, opts)
 
     jobs = [(str(path), opts.size, opts.normalize, opts.jpeg_quality)
             for plan in plans for _, path in plan.rows]
     workers = opts.workers or os.cpu_count() or 1
     logging.info("preparing %d images (%s) with %d worker(s) at %dx%d",
-                 len(jobs), source.description or source.train_images, workers, opts.size, opts.size)
+                 len(jobs), source.description or source.train_images or source.test_images, workers,
+                 opts.size, opts.size)
     progress = Progress(len(jobs), "prepare")
     results = iter(_process(jobs, workers))
     examples: dict[str, list[tuple[bytes, int, int, str]]] = {}
@@ -470,11 +616,19 @@ def prepare(source: Source, out: Path | str, opts: PrepareOptions = PrepareOptio
         )
     for p in problems:
         logging.warning("skipped: %s", p)
-    if not examples["train"] or not examples["val"]:
+    if source.train_images is None:
+        if not examples["test"]:
+            raise InputError(f"{source.test_labels}: no usable test images, nothing to prepare")
+    elif not examples["train"] or not examples["val"]:
         raise InputError("no usable training or validation images left after skipping bad input")
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        remove_stale_temps(out)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-{socket.gethostname()}-{os.getpid()}-",
+                                    dir=out.parent))
+    except OSError as exc:
+        raise _write_failed(exc, out) from exc
     try:
         splits: dict[str, Any] = {}
         for split in SPLITS:
@@ -499,7 +653,7 @@ def prepare(source: Source, out: Path | str, opts: PrepareOptions = PrepareOptio
             "val_fraction": opts.val_fraction,
             "group_pattern": opts.group_pattern,
             "seed": opts.seed,
-            "source": source.description or str(source.train_images),
+            "source": source.description or str(source.train_images or source.test_images),
             "skipped": [{"name": p.name, "where": p.where, "reason": p.message} for p in problems],
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "drtune_version": __version__,
@@ -508,8 +662,10 @@ def prepare(source: Source, out: Path | str, opts: PrepareOptions = PrepareOptio
         meta["bytes"] = _dir_bytes(tmp)
         (tmp / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
         _install(tmp, out, opts.overwrite)
-    except BaseException:
+    except BaseException as exc:
         shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(exc, OSError) or _is_tf_error(exc):
+            raise _write_failed(exc, out) from exc
         raise
     for split in SPLITS:
         s = meta["splits"][split]

@@ -143,3 +143,53 @@ def test_data_prepared_differently_is_refused(run: Path, prepared: Path, synth_r
     old = edited("old", normalize=None, rdr_grade=None)
     assert evaluate_run(run, old, "train", n_boot=10)["n"] > 0
     assert run_gradcam(run, tmp_path / "g-old", data_dir=old, split="train", n=2)["n"] == 2
+
+
+def test_predict_keeps_a_decompression_bomb_to_its_own_row(run: Path, synth_root: Path,
+                                                           tmp_path: Path) -> None:
+    from test_prepare import jpeg_claiming
+
+    photos = sorted((synth_root / TEST_IMAGES).glob("*.jpg"))[:2]
+    bomb = tmp_path / "bomb.jpg"
+    jpeg_claiming(bomb, 30000, 30000)
+    rows = predict_files(run, [photos[0], bomb, photos[1]])
+    assert [r["name"] for r in rows] == [photos[0].stem, "bomb", photos[1].stem]
+    assert "too large" in rows[1]["error"] and rows[1]["p_rdr"] == ""
+    for r in (rows[0], rows[2]):
+        assert r["error"] == "" and 0.0 <= r["p_rdr"] <= 1.0
+
+
+def test_predict_to_stdout_is_proper_csv(run: Path, synth_root: Path, tmp_path: Path, capsys) -> None:
+    photo = sorted((synth_root / TEST_IMAGES).glob("*.jpg"))[0]
+    odd = tmp_path / 'left, "eye".jpg'
+    shutil.copy(photo, odd)
+    broken = tmp_path / "broken, too.jpg"
+    broken.write_text("not a photograph")
+    assert main(["predict", str(run), str(odd), str(broken)]) == 0
+    rows = list(csv.DictReader(capsys.readouterr().out.splitlines()))
+    assert [r["name"] for r in rows] == ['left, "eye"', "broken, too"]
+    assert set(rows[0]) == {"name", "p_rdr", "decision", "threshold", "error"}
+    assert rows[0]["decision"] in ("NRDR", "RDR") and rows[0]["error"] == ""
+    assert rows[1]["p_rdr"] == "" and "not an image" in rows[1]["error"]
+
+
+def test_evaluate_on_an_external_test_only_folder(run: Path, prepared: Path, synth_root: Path,
+                                                  tmp_path: Path, capsys) -> None:
+    """Another site's photographs, prepared without training images, are scored like the test
+    split, at the run's frozen threshold."""
+    from drtune.synth import TEST_LABELS
+
+    external = tmp_path / "external"
+    assert main(["prepare", "--test-images", str(synth_root / TEST_IMAGES), "--test-labels",
+                 str(synth_root / TEST_LABELS), "--out", str(external), "--size", "64",
+                 "--workers", "1"]) == 0
+    assert main(["evaluate", str(run), "--data", str(external), "--split", "test", "--n-boot", "50"]) == 0
+    assert "test: balanced accuracy" in capsys.readouterr().out
+    m = json.loads((run / "eval-test" / "metrics.json").read_text())
+    assert m["data_dir"] == str(external) and m["n"] == 8
+    assert m["threshold"] == json.loads((run / "metrics.json").read_text())["threshold"]
+    # The same photographs prepared with the training set score the same.
+    internal = evaluate_run(run, prepared, "test", n_boot=50)
+    assert internal["confusion_matrix"] == m["confusion_matrix"]
+    with pytest.raises(InputError, match="split 'val' is empty"):
+        evaluate_run(run, external, "val")

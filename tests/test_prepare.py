@@ -285,10 +285,6 @@ def test_existing_output_is_refused_unless_overwrite(synth_root: Path, tmp_path:
     with pytest.raises(InputError, match="already exists"):
         prepare(Source(images, labels), out, OPTS)
     assert (out / "precious.txt").read_text() == "keep me"
-    opts = PrepareOptions(size=64, workers=1, overwrite=True)
-    prepare(Source(images, labels), out, opts)
-    assert (out / "meta.json").is_file() and not (out / "precious.txt").exists()
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "src"]
 
 
 def test_fail_reports_every_problem_and_skip_lists_them(synth_root: Path, tmp_path: Path, capsys,
@@ -346,3 +342,187 @@ def test_find_idrid_accepts_root_or_grading_folder(synth_root: Path, tmp_path: P
     nested = find_idrid(wrapper)
     assert direct.train_labels.name == nested.train_labels.name
     assert nested.test_images is not None and nested.test_images.name == "b. Testing Set"
+
+
+# --------------------------------------------------------------------------- output safety
+
+
+def _tree(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.parametrize("where", ["equal", "above", "images", "labels-parent"])
+def test_overwrite_never_deletes_the_input(synth_root: Path, tmp_path: Path, capsys, where: str) -> None:
+    src = tmp_path / "X"
+    images, labels = small_set(synth_root, src, n=8)
+    (src / "notes.txt").write_text("unrelated work")
+    before = _tree(tmp_path)
+    out = {"equal": src, "above": tmp_path, "images": images, "labels-parent": labels.parent}[where]
+    rc = main(["prepare", "--images", str(images), "--labels", str(labels), "--out", str(out),
+               "--size", "48", "--workers", "1", "--overwrite"])
+    err = capsys.readouterr().err
+    assert rc == 2
+    assert err.startswith("drtune: error: ") and err.count("\n") == 1, err
+    assert f"--out {out}" in err and "contains the input" in err
+    assert _tree(tmp_path) == before
+
+
+def test_out_given_through_a_symlink_or_dotdot_is_still_refused(synth_root: Path, tmp_path: Path) -> None:
+    images, labels = small_set(synth_root, tmp_path / "X", n=8)
+    (tmp_path / "link").symlink_to(tmp_path / "X", target_is_directory=True)
+    for out in (tmp_path / "link", images / ".."):
+        with pytest.raises(InputError, match="contains the input"):
+            prepare(Source(images, labels), out, PrepareOptions(size=48, workers=1, overwrite=True))
+    assert sorted(p.name for p in (tmp_path / "X").iterdir()) == ["images", "labels.csv"]
+
+
+def test_idrid_root_inside_out_is_refused(synth_root: Path, tmp_path: Path) -> None:
+    root = tmp_path / "parent" / "idrid"
+    shutil.copytree(synth_root, root)
+    with pytest.raises(InputError, match="contains the input"):
+        prepare(find_idrid(root), tmp_path / "parent", PrepareOptions(size=48, workers=1, overwrite=True))
+    assert find_idrid(root).train_images.is_dir()
+
+
+def test_overwrite_replaces_only_a_drtune_output(synth_root: Path, tmp_path: Path) -> None:
+    images, labels = _bad(synth_root, tmp_path)
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "precious.txt").write_text("keep me")
+    opts = PrepareOptions(size=64, workers=1, overwrite=True)
+    with pytest.raises(InputError, match=f"{out}: not a 'drtune prepare' output"):
+        prepare(Source(images, labels), out, opts)
+    assert (out / "precious.txt").read_text() == "keep me"
+    (out / "precious.txt").unlink()
+    prepare(Source(images, labels), out, opts)  # an empty folder holds nothing to lose
+    first = json.loads((out / "meta.json").read_text())["created"]
+    prepare(Source(images, labels), out, opts)  # a drtune output is replaced
+    assert json.loads((out / "meta.json").read_text())["created"] >= first
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "src"]
+
+
+# --------------------------------------------------------------------------- hostile images
+
+
+def jpeg_claiming(path: Path, width: int, height: int) -> None:
+    """A small valid JPEG whose frame header is rewritten to claim ``width`` x ``height``."""
+    ok, buf = cv2.imencode(".jpg", np.full((16, 16, 3), 128, np.uint8))
+    data = bytearray(buf.tobytes())
+    sof = data.index(b"\xff\xc0")
+    data[sof + 5:sof + 9] = height.to_bytes(2, "big") + width.to_bytes(2, "big")
+    path.write_bytes(bytes(data))
+
+
+def test_decompression_bomb_is_a_per_image_problem(synth_root: Path, tmp_path: Path, capsys) -> None:
+    images, labels = _bad(synth_root, tmp_path)
+    victim = sorted(images.iterdir())[4]
+    jpeg_claiming(victim, 30000, 30000)
+    _prepare_fails(images, labels, tmp_path / "out", victim.name, "too large")
+    out = tmp_path / "skipped"
+    rc = main(["prepare", "--images", str(images), "--labels", str(labels), "--out", str(out),
+               "--size", "64", "--workers", "2", "--on-error", "skip"])
+    assert rc == 0, capsys.readouterr().err
+    meta = json.loads((out / "meta.json").read_text())
+    assert [s["name"] for s in meta["skipped"]] == [victim.stem]
+    assert meta["splits"]["train"]["n"] + meta["splits"]["val"]["n"] == 9
+
+
+def test_jpeg_with_trailing_data_is_accepted_but_truncation_is_not(synth_root: Path, tmp_path: Path) -> None:
+    from drtune.prepare import ImageError, decode_image
+
+    photo = sorted((synth_root / TRAIN_IMAGES).glob("*.jpg"))[0]
+    data = photo.read_bytes()
+    reference = decode_image(data, 64)
+    # A motion photo: the still image, then a video after its end marker.
+    trailer = b"ftypmp42" + bytes(np.random.default_rng(1).integers(0, 256, 200_000, dtype=np.uint8))
+    assert np.array_equal(decode_image(data + trailer, 64), reference)
+    assert np.array_equal(decode_image(data + b"\0" * 10_000, 64), reference)
+    for cut in (len(data) // 2, len(data) - 2):
+        with pytest.raises(ImageError, match="truncated"):
+            decode_image(data[:cut], 64)
+    # Trailing data does not hide truncation either.
+    with pytest.raises(ImageError, match="truncated"):
+        decode_image(data[: len(data) // 2] + b"\0" * 10_000, 64)
+
+
+# --------------------------------------------------------------------------- external validation
+
+
+def test_test_only_folder_for_external_validation(synth_root: Path, tmp_path: Path, capsys) -> None:
+    from drtune.synth import TEST_IMAGES, TEST_LABELS
+
+    out = tmp_path / "external"
+    rc = main(["prepare", "--test-images", str(synth_root / TEST_IMAGES),
+               "--test-labels", str(synth_root / TEST_LABELS), "--out", str(out), "--size", "64",
+               "--workers", "1"])
+    assert rc == 0, capsys.readouterr().err
+    meta = json.loads((out / "meta.json").read_text())
+    assert meta["splits"]["train"]["n"] == meta["splits"]["val"]["n"] == 0
+    assert meta["splits"]["train"]["files"] == meta["splits"]["val"]["files"] == []
+    assert meta["splits"]["test"]["n"] == 8
+    assert len(read_records(out, "test")) == 8
+    # Without images of either kind there is nothing to prepare.
+    assert main(["prepare", "--out", str(tmp_path / "none")]) == 2
+    assert "--test-images" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------- failures while writing
+
+
+def test_disk_full_is_one_line_and_leaves_nothing(synth_root: Path, tmp_path: Path, monkeypatch,
+                                                  capsys) -> None:
+    import tensorflow as tf
+
+    import drtune.prepare as prep
+
+    images, labels = _bad(synth_root, tmp_path)
+    real = prep.write_shards
+
+    def fills_the_disk(folder: Path, split: str, examples: list, shard_size: int) -> list[str]:
+        names = real(folder, split, examples, shard_size)  # some real bytes on disk first
+        if split == "val":
+            raise tf.errors.ResourceExhaustedError(None, None, "No space left on device")
+        return names
+
+    monkeypatch.setattr(prep, "write_shards", fills_the_disk)
+    out = tmp_path / "out"
+    rc = main(["prepare", "--images", str(images), "--labels", str(labels), "--out", str(out),
+               "--size", "64", "--workers", "1"])
+    err = capsys.readouterr().err
+    assert rc == 1
+    assert err.startswith("drtune: error: ") and err.count("\n") == 1, err
+    assert "no space left" in err.lower() and "--out" in err and str(tmp_path) in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]
+
+    def no_permission(folder: Path, split: str, examples: list, shard_size: int) -> list[str]:
+        raise PermissionError(13, "Permission denied", str(folder / "train-00000-of-00001.tfrecord"))
+
+    monkeypatch.setattr(prep, "write_shards", no_permission)
+    assert main(["prepare", "--images", str(images), "--labels", str(labels), "--out", str(out),
+                 "--size", "64", "--workers", "1"]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Permission denied" in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]
+
+
+def test_stale_temp_folders_of_dead_runs_are_removed(synth_root: Path, tmp_path: Path,
+                                                     caplog: pytest.LogCaptureFixture) -> None:
+    import socket
+    import subprocess
+    import sys
+
+    images, labels = _bad(synth_root, tmp_path)
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()  # a pid that no process holds any more
+    host = socket.gethostname()
+    stale = tmp_path / f".out.tmp-{host}-{dead.pid}-abc123"
+    alive = tmp_path / f".out.tmp-{host}-1-def456"  # pid 1 is always running
+    elsewhere = tmp_path / f".out.tmp-another-host-{dead.pid}-ghi789"
+    other_out = tmp_path / f".other.tmp-{host}-{dead.pid}-jkl012"
+    for folder in (stale, alive, elsewhere, other_out):
+        folder.mkdir()
+        (folder / "train-00000-of-00001.tfrecord").write_bytes(b"half")
+    prepare(Source(images, labels), tmp_path / "out", OPTS)
+    assert not stale.exists()
+    assert alive.is_dir() and elsewhere.is_dir() and other_out.is_dir()
+    assert any(str(stale) in r.getMessage() and "stale" in r.getMessage() for r in caplog.records)
