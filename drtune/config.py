@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import sys
 import typing
 from dataclasses import dataclass, field
@@ -127,6 +128,8 @@ _RULES: tuple[tuple[str, typing.Callable[[Any], bool], str], ...] = (
     ("train.steps_per_epoch", lambda v: v >= 0, "must be >= 0 (0: one pass)"),
     ("train.checkpoint_every", lambda v: v >= 1, "must be >= 1"),
     ("train.patience", lambda v: v >= 0, "must be >= 0 (0: off)"),
+    # NumPy's and Keras' seeding take 32-bit seeds; checked here, before a run writes anything.
+    ("train.seed", lambda v: 0 <= v < 2**32, "must be in 0..4294967295 (2**32 - 1)"),
     ("train.threshold", lambda v: v in THRESHOLD_CRITERIA,
      f"must be one of {', '.join(THRESHOLD_CRITERIA)}"),
     ("train.eval_batch_size", lambda v: v >= 1, "must be >= 1"),
@@ -196,8 +199,22 @@ def _get(cfg: Config, dotted: str) -> Any:
     return obj
 
 
+# Sections whose every float must be finite (inf and nan pass ">= 0"-style rules and fail later).
+_FINITE_SECTIONS: tuple[str, ...] = ("data", "model", "train", "finetune")
+
+
+def _check_finite(cfg: Config, source: str) -> None:
+    for section in _FINITE_SECTIONS:
+        values = getattr(cfg, section)
+        for f in dataclasses.fields(values):
+            value = getattr(values, f.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise InputError(f"{source}: {section}.{f.name} = {value!r}: must be a finite number")
+
+
 def validate(cfg: Config, source: str = "config") -> Config:
     """Apply the range rules; raise :class:`InputError` naming the first bad key."""
+    _check_finite(cfg, source)
     for key, check, message in _RULES:
         value = _get(cfg, key)
         if not check(value):

@@ -108,3 +108,23 @@ def test_search_sections_load(tmp_path: Path) -> None:
     assert cfg.search.space["data.augment"] == {"choices": ["base", "strong"]}
     assert cfg.search.pruner == "hyperband" and cfg.finetune.epochs == 7
     assert from_dict(to_dict(cfg)) == cfg
+
+
+@pytest.mark.parametrize("override,needle", [
+    ("train.seed=-1", "train.seed = -1: must be in 0..4294967295"),
+    ("train.seed=4294967296", "train.seed = 4294967296: must be in 0..4294967295"),
+    ("model.l2=inf", "model.l2 = inf: must be a finite number"),
+    ("train.lr=inf", "train.lr = inf: must be a finite number"),
+    ("train.lr=nan", "train.lr = nan: must be a finite number"),
+    ("model.dropout=nan", "model.dropout = nan: must be a finite number"),
+    ("finetune.lr=inf", "finetune.lr = inf: must be a finite number"),
+])
+def test_seeds_in_range_and_floats_finite(override: str, needle: str) -> None:
+    with pytest.raises(InputError) as err:
+        load_config(None, [override])
+    assert needle in str(err.value)
+
+
+def test_seed_limits_are_accepted() -> None:
+    assert load_config(None, ["train.seed=0"]).train.seed == 0
+    assert load_config(None, ["train.seed=4294967295"]).train.seed == 2**32 - 1
