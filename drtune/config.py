@@ -24,6 +24,7 @@ else:  # pragma: no cover - Python 3.10
 from drtune.errors import InputError
 
 AUGMENT_LEVELS: tuple[str, ...] = ("none", "base", "strong")
+NORMALIZATIONS: tuple[str, ...] = ("none", "graham")  # what `prepare --normalize` accepts
 THRESHOLD_CRITERIA: tuple[str, ...] = ("balanced_accuracy", "youden", "fixed")
 
 
@@ -36,6 +37,10 @@ class DataConfig:
     balance: bool = True  # oversample the minority class at read time
     cache: bool = True  # keep decoded images in memory when they fit
     image_size: int = 0  # 0: as prepared; else resized in the pipeline (tiny test models)
+    # What the study expects of `drtune prepare` (`prepare --config` applies them; training on
+    # data prepared otherwise is refused rather than silently wrong). 0 / "": any.
+    prepare_size: int = 0
+    normalize: str = ""  # "" | none | graham
 
 
 @dataclass(frozen=True)
@@ -61,8 +66,19 @@ class TrainConfig:
     patience: int = 0  # early stopping on validation balanced accuracy; 0: off
     threshold: str = "balanced_accuracy"  # how the decision threshold is chosen on val
     eval_batch_size: int = 32
+    optimizer: str = "adam"  # adam (the original project) | adamw (decoupled weight decay)
+    weight_decay: float = 0.0  # AdamW's decoupled decay (only with optimizer = "adamw")
+    schedule: str = "constant"  # constant | cosine (decay to 0 over train.epochs)
+    warmup_epochs: int = 0  # linear warm-up from 0 to train.lr before the schedule
+    label_smoothing: float = 0.0  # targets 1 - e/2 and e/2 instead of 1 and 0
+    # Test-time augmentation (drtune/tta.py) of the final model: the validation threshold,
+    # evaluate, predict and gradcam all average over these views. none | flips | dihedral
+    tta: str = "none"
 
 
+OPTIMIZERS: tuple[str, ...] = ("adam", "adamw")
+SCHEDULES: tuple[str, ...] = ("constant", "cosine")
+TTA_MODES: tuple[str, ...] = ("none", "flips", "dihedral")  # see drtune/tta.py
 PRUNERS: tuple[str, ...] = ("median", "hyperband", "successive_halving", "none")
 # Sections a search may vary; `search` and `finetune` themselves are not searchable.
 SEARCHABLE_SECTIONS: tuple[str, ...] = ("data", "model", "train")
@@ -74,16 +90,18 @@ class SearchConfig:
 
     ``grid`` maps dotted keys to lists of values (``drtune search --grid``); ``space`` maps
     dotted keys to ``{low, high, log?, step?}`` ranges or ``{choices = [...]}`` (TPE).
+    ``n_trials`` is the budget of the whole study, counted across all workers and runs (a
+    worker stops once that many trials have finished or are running), not of one process.
     """
 
     workdir: str = "runs"  # trial run directories, artifacts and the default SQLite file
     storage: str = ""  # SQLAlchemy URL; "": $DRTUNE_STORAGE, else sqlite:///<workdir>/optuna.db
     study: str = ""  # "": the config's name
-    sampler_seed: int = 0  # the same on every worker, or GridSampler skips points
+    sampler_seed: int = 0  # the same on every worker (grid); TPE mixes in $DRTUNE_WORKER
     pruner: str = "median"
-    pruner_startup_trials: int = 2  # trials that finish before anything is pruned
+    pruner_startup_trials: int = 2  # trials that finish before anything is pruned (every pruner)
     pruner_warmup_epochs: int = 2  # epochs of a trial before it can be pruned
-    n_trials: int = 20  # TPE budget (a grid stops when it is complete)
+    n_trials: int = 20  # TPE budget of the study, across workers (a grid stops when complete)
     timeout: float = 0.0  # seconds; 0: none
     heartbeat_interval: int = 30  # seconds between a running trial's heartbeats
     grace_period: int = 90  # seconds without heartbeat before a trial counts as dead
@@ -118,6 +136,8 @@ class Config:
 _RULES: tuple[tuple[str, typing.Callable[[Any], bool], str], ...] = (
     ("data.augment", lambda v: v in AUGMENT_LEVELS, f"must be one of {', '.join(AUGMENT_LEVELS)}"),
     ("data.image_size", lambda v: v == 0 or 16 <= v <= 4096, "must be 0 (as prepared) or 16-4096"),
+    ("data.prepare_size", lambda v: v == 0 or 32 <= v <= 4096, "must be 0 (any) or 32-4096"),
+    ("data.normalize", lambda v: v in ("",) + NORMALIZATIONS, "must be one of none, graham or \"\" (any)"),
     ("model.width", lambda v: v >= 1, "must be >= 1"),
     ("model.blocks_per_stage", lambda v: v >= 1, "must be >= 1"),
     ("model.dropout", lambda v: 0.0 <= v < 1.0, "must be in [0, 1)"),
@@ -133,6 +153,12 @@ _RULES: tuple[tuple[str, typing.Callable[[Any], bool], str], ...] = (
     ("train.threshold", lambda v: v in THRESHOLD_CRITERIA,
      f"must be one of {', '.join(THRESHOLD_CRITERIA)}"),
     ("train.eval_batch_size", lambda v: v >= 1, "must be >= 1"),
+    ("train.optimizer", lambda v: v in OPTIMIZERS, f"must be one of {', '.join(OPTIMIZERS)}"),
+    ("train.weight_decay", lambda v: 0.0 <= v < 1.0, "must be in [0, 1)"),
+    ("train.schedule", lambda v: v in SCHEDULES, f"must be one of {', '.join(SCHEDULES)}"),
+    ("train.warmup_epochs", lambda v: v >= 0, "must be >= 0"),
+    ("train.label_smoothing", lambda v: 0.0 <= v < 0.5, "must be in [0, 0.5)"),
+    ("train.tta", lambda v: v in TTA_MODES, f"must be one of {', '.join(TTA_MODES)}"),
     ("name", lambda v: bool(v.strip()), "must not be empty"),
     ("search.workdir", lambda v: bool(v.strip()), "must not be empty"),
     ("search.pruner", lambda v: v in PRUNERS, f"must be one of {', '.join(PRUNERS)}"),
@@ -383,3 +409,23 @@ def load_config(path: Path | str | None = None, overrides: Sequence[str] = (),
 def replace(cfg: Config, **dotted: Any) -> Config:
     """A copy of ``cfg`` with dotted keys changed, e.g. ``replace(cfg, **{"train.lr": 1e-5})``."""
     return from_dict(merge(to_dict(cfg), dotted), "override")
+
+
+def finetune_config(cfg: Config) -> Config:
+    """The config of the ``[finetune]`` stage: ``cfg`` trained on at the finetune lr, epochs and
+    augmentation (``finetune --best`` and the real-data benchmark both start from a trained model)."""
+    ft = cfg.finetune
+    return replace(cfg, **{"train.lr": ft.lr, "train.epochs": ft.epochs, "data.augment": ft.augment})
+
+
+def check_prepared(cfg: Config, meta: Mapping[str, Any], data_dir: Path | str) -> None:
+    """Refuse data prepared otherwise than the study expects (``data.prepare_size``,
+    ``data.normalize``): the model would train and report on inputs it was not designed for."""
+    found = {"prepare_size": int(meta.get("size", 0)), "normalize": meta.get("normalize", "none")}
+    flags = {"prepare_size": "--size", "normalize": "--normalize"}
+    for key, have in found.items():
+        want = getattr(cfg.data, key)
+        if want and want != have:
+            raise InputError(f"{data_dir}: prepared with {flags[key]} {have} but the config wants "
+                             f"data.{key} = {want!r}; prepare it again with "
+                             f"'drtune prepare ... --config <study>' (or {flags[key]} {want})")

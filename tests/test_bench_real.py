@@ -1,0 +1,93 @@
+"""scripts/bench_real.py: patient-grouped folds, and a smoke run on real photographs."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import REPO, shared_dir
+
+FUNDUS_TRAIN = shared_dir("fundus-train")
+
+
+def _bench():
+    spec = importlib.util.spec_from_file_location("bench_real", REPO / "scripts" / "bench_real.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _patients(n: int, seed: int) -> tuple[list[str], list[int]]:
+    """Both eyes of ``n`` patients; eyes of one patient usually share their label, not always."""
+    rng = np.random.default_rng(seed)
+    names, y = [], []
+    for p in range(n):
+        label = int(rng.random() < 0.35)
+        for eye in "LR":
+            names.append(f"Patient{p:03d}_{eye}")
+            y.append(label if rng.random() < 0.9 else 1 - label)
+    return names, y
+
+
+@pytest.mark.parametrize("k", [2, 5])
+def test_folds_keep_patients_together_and_cover_every_image_once(k: int) -> None:
+    bench = _bench()
+    names, y = _patients(120, seed=k)
+    folds = bench.make_folds(names, y, bench.DEFAULT_GROUPS, k, seed=0)
+    assert len(folds) == k
+    held = np.concatenate(folds)
+    assert sorted(held.tolist()) == list(range(len(names)))  # out-of-fold exactly once
+    fold_of = {}
+    for i, idx in enumerate(folds):
+        for j in idx:
+            patient = names[j].split("_")[0]
+            assert fold_of.setdefault(patient, i) == i, f"{patient} is in two folds"
+    # Label strata are kept: every fold's RDR share is close to the whole set's.
+    share = np.mean(y)
+    for idx in folds:
+        assert abs(np.mean(np.asarray(y)[idx]) - share) < 0.1
+    # Different seeds give different folds; the same seed the same ones.
+    again = bench.make_folds(names, y, bench.DEFAULT_GROUPS, k, seed=0)
+    assert all(np.array_equal(a, b) for a, b in zip(folds, again))
+    other = bench.make_folds(names, y, bench.DEFAULT_GROUPS, k, seed=1)
+    assert not all(np.array_equal(a, b) for a, b in zip(folds, other))
+
+
+def test_without_groups_every_image_is_its_own_group() -> None:
+    bench = _bench()
+    names, y = _patients(30, seed=0)
+    folds = bench.make_folds(names, y, None, 3, seed=0)
+    assert sorted(np.concatenate(folds).tolist()) == list(range(len(names)))
+    folds_of: dict[str, set[int]] = {}
+    for i, idx in enumerate(folds):
+        for j in idx:
+            folds_of.setdefault(names[j].split("_")[0], set()).add(i)
+    # Ungrouped, the two eyes of a patient land in different folds for some patients (with 30
+    # pairs over 3 folds, all pairs together is vanishingly unlikely): grouping is what stops it.
+    assert any(len(f) > 1 for f in folds_of.values())
+
+
+def test_pooled_summary_uses_each_folds_decisions() -> None:
+    bench = _bench()
+    y = np.array([0, 0, 0, 1, 1, 1])
+    p = np.array([0.1, 0.6, 0.2, 0.55, 0.9, 0.3])
+    called = np.array([False, True, False, True, True, False])  # made at per-fold thresholds
+    s = bench.summarise(y, p, called, n_boot=50)
+    assert s["confusion_matrix"] == [[2, 1], [1, 2]]
+    assert s["balanced_accuracy"] == pytest.approx(2 / 3)
+    assert s["auc"] == pytest.approx(7 / 9)  # from the scores, not the decisions
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not FUNDUS_TRAIN.is_dir(), reason="../shared/fundus-train is not here")
+def test_two_fold_quick_run_on_real_photographs(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    bench = _bench()
+    assert bench.main(["--folds", "2", "--quick", "--limit", "40", "--workdir", str(tmp_path)]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert [ln.split(":")[0] for ln in lines if ln.startswith("fold ")] == ["fold 0", "fold 1"]
+    last = dict(kv.split("=") for kv in lines[-1].split())
+    assert set(last) == {"cv_auc", "cv_balanced_accuracy", "minutes"}
+    assert 0.0 <= float(last["cv_auc"]) <= 1.0 and 0.0 <= float(last["cv_balanced_accuracy"]) <= 1.0
