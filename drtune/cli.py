@@ -114,9 +114,12 @@ def _study_config(args: argparse.Namespace):  # -> Config (typed lazily: config 
 
 
 def cmd_search(args: argparse.Namespace) -> int:
-    from drtune.search import create_study, search
+    from drtune.search import check_budget, create_study, search
     from drtune.workers import parse_gpus, run_workers
 
+    check_budget(args.n_trials, args.timeout)
+    if args.workers is not None and args.workers < 1:
+        raise InputError(f"--workers {args.workers}: must be >= 1")
     gpus = parse_gpus(args.gpus)
     workers = args.workers or len(gpus) or 1
     if workers > 1 or gpus:
@@ -159,10 +162,20 @@ def cmd_dashboard(args: argparse.Namespace) -> int:
 
 
 def _cfg_flag(args: argparse.Namespace) -> str:
-    """The flags that find this study again, for the hints printed after a command."""
-    flags = [f"--config {args.config}"] if args.config else []
-    flags += [f"--storage {args.storage}"] if args.storage else []
-    flags += [f"--study {args.study}"] if args.study else []
+    """The flags that find this study again, for the hints printed after a command.
+
+    ``--set`` flags are kept (``search.storage``/``search.workdir`` may be among them); passwords
+    are masked, so a hint for a password-protected database needs the password put back (or the
+    URL in ``$DRTUNE_STORAGE``).
+    """
+    import shlex
+
+    from drtune.search import redact
+
+    flags = [f"--config {shlex.quote(str(args.config))}"] if args.config else []
+    flags += [f"--storage {shlex.quote(redact(args.storage))}"] if args.storage else []
+    flags += [f"--study {shlex.quote(args.study)}"] if args.study else []
+    flags += [f"--set {shlex.quote(redact(s))}" for s in getattr(args, "set", None) or ()]
     return "".join(" " + f for f in flags)
 
 

@@ -6,6 +6,7 @@ the test split). Finished steps are reused, so re-running the demo is cheap.
 
 from __future__ import annotations
 
+import shlex
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +21,7 @@ def run_demo(workdir: Path | str = "demo-work", study: Path | str | None = None)
     """Run the demo with all its files under ``workdir``; return the fine-tuned test summary."""
     from drtune.config import load_config, resolve_study_path
     from drtune.prepare import PrepareOptions, find_idrid, prepare
-    from drtune.search import finetune_best, search, storage_url
+    from drtune.search import finetune_best, redact, search
     from drtune.synth import make_synthetic
 
     study = resolve_study_path(study or DEMO_STUDY)
@@ -28,9 +29,11 @@ def run_demo(workdir: Path | str = "demo-work", study: Path | str | None = None)
         raise InputError(f"{study}: demo study not found; run from the repository root or pass --config")
     workdir = Path(workdir)
     synth, data, runs = workdir / "synth", workdir / "data", workdir / "runs"
-    # The demo keeps everything in its workdir, whatever the study file says.
+    # The demo keeps everything in its workdir, whatever the study file or $DRTUNE_STORAGE say
+    # (the storage is passed explicitly because the variable outranks the config).
+    storage = f"sqlite:///{runs / 'optuna.db'}"
     cfg = load_config(study, extra={"data.dir": str(data), "search.workdir": str(runs),
-                                    "search.storage": f"sqlite:///{runs / 'optuna.db'}"})
+                                    "search.storage": storage})
     if not synth.is_dir():
         logging.info("[1/4] synthetic photographs -> %s", synth)
         make_synthetic(synth, n_train=96, n_test=32, width=640, height=426, seed=0)
@@ -38,11 +41,11 @@ def run_demo(workdir: Path | str = "demo-work", study: Path | str | None = None)
         logging.info("[2/4] prepare -> %s", data)
         prepare(find_idrid(synth), data, PrepareOptions(size=256))
     logging.info("[3/4] grid search (%s)", study)
-    search(cfg, grid=True)
+    search(cfg, grid=True, storage=storage)
     logging.info("[4/4] fine-tune the best trial and evaluate it on the test split")
-    summary = finetune_best(cfg)
+    summary = finetune_best(cfg, storage=storage)
     test = summary["test"]
-    flags = f"--config {study} --storage {storage_url(cfg)}"
+    flags = f"--config {shlex.quote(str(study))} --storage {shlex.quote(redact(storage))}"
     auc = "n/a" if test["auc"] is None else f"{test['auc']:.3f}"
     print(f"\nDemo finished. Fine-tuned trial {summary['trial']} "
           f"({' '.join(f'{k}={v}' for k, v in summary['params'].items())}): test balanced accuracy "

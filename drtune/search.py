@@ -10,11 +10,13 @@ reused by its retry, the retry resumes training where the dead one stopped.
 from __future__ import annotations
 
 import json
+import logging as logging_std
 import os
+import re
 import socket
 import time
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -53,14 +55,48 @@ def storage_url(cfg: Config, override: str | None = None) -> str:
     return url
 
 
+# Query parameters that carry secrets (libpq's password/sslpassword, and common spellings).
+_SECRET_PARAM = re.compile(r"([?&][^=&#]*(?:pass|pwd|secret|token)[^=&#]*=)[^&#]*", re.IGNORECASE)
+
+
 def redact(url: str) -> str:
-    """The URL with any password masked, for messages and logs."""
+    """The URL with every password masked (``***``), for anything printed, logged or stored.
+
+    The user part ends at the URL's last ``@`` (a password may hold an unescaped ``@``, which
+    SQLAlchemy would read as part of the host), and ``?password=...``-style query parameters are
+    masked too.
+    """
+    m = re.match(r"^(.*?://)(.*)@([^@]*)$", url)  # also inside "--set search.storage=URL"
+    if m:
+        scheme, userinfo, rest = m.groups()
+        user, sep, _ = userinfo.partition(":")
+        url = f"{scheme}{user}{':***' if sep else ''}@{rest}"
+    return _SECRET_PARAM.sub(r"\1***", url)
+
+
+def redact_config(cfg: Config) -> Config:
+    """``cfg`` with its storage URL redacted: what the study, run directories and artifacts keep
+    (the dashboard serves the study's ``config`` attribute without authentication)."""
+    if not cfg.search.storage or redact(cfg.search.storage) == cfg.search.storage:
+        return cfg
+    return config_lib.replace(cfg, **{"search.storage": redact(cfg.search.storage)})
+
+
+def sqlite_path(url: str) -> Path | None:
+    """The database file of a SQLite URL; None for in-memory databases and other back ends."""
     from sqlalchemy.engine import make_url
 
     try:
-        return make_url(url).render_as_string(hide_password=True)
-    except Exception:  # noqa: BLE001 - an unparsable URL is reported by the caller
-        return url.split("@")[-1]
+        parsed = make_url(url)
+    except Exception:  # noqa: BLE001 - open_storage reports unparsable URLs
+        return None
+    if parsed.get_backend_name() != "sqlite":
+        return None
+    database = parsed.database or ""
+    # "sqlite://" and ":memory:" live in memory; "file:" URIs are SQLite's own business.
+    if database in ("", ":memory:") or database.startswith("file:"):
+        return None
+    return Path(database)
 
 
 def open_storage(cfg: Config, override: str | None = None, create: bool = True) -> RDBStorage:
@@ -76,12 +112,12 @@ def open_storage(cfg: Config, override: str | None = None, create: bool = True) 
     if url.startswith("sqlite"):
         # Several processes may share the file: wait for the lock rather than fail at once.
         engine_kwargs = {"connect_args": {"timeout": 60}}
-        path = url.split("///", 1)[-1]
-        if path and path != ":memory:":
-            if not create and not Path(path).is_file():
-                raise InputError(f"storage {url}: no such database file (run 'drtune search' first, "
-                                 "or pass --config/--storage for another study)")
-            Path(path).parent.mkdir(parents=True, exist_ok=True)
+        path = sqlite_path(url)
+        if path is not None:
+            if not create and not path.is_file():
+                raise InputError(f"storage {redact(url)}: no such database file (run 'drtune search' "
+                                 "first, or pass --config/--storage for another study)")
+            path.parent.mkdir(parents=True, exist_ok=True)
     else:
         engine_kwargs = {"pool_pre_ping": True}
     for attempt in range(3):
@@ -126,11 +162,11 @@ class _RetryUnlessDone:
         self._retry(study, trial)
 
 
-def _twin(study: optuna.Study, number: int, params: dict[str, Any], states: tuple[TrialState, ...],
-          earlier: bool = False) -> FrozenTrial | None:
-    """Another trial (an earlier one, with ``earlier``) in ``states`` with the same parameters."""
+def _twin(study: optuna.Study, number: int, params: dict[str, Any],
+          states: tuple[TrialState, ...]) -> FrozenTrial | None:
+    """Another trial in ``states`` with the same parameters."""
     for other in study.get_trials(deepcopy=False, states=states):
-        if other.number != number and other.params == params and (not earlier or other.number < number):
+        if other.number != number and other.params == params:
             return other
     return None
 
@@ -194,23 +230,70 @@ def sample(trial: optuna.Trial, cfg: Config, grid: bool) -> Config:
     return config_lib.replace(cfg, **values)
 
 
+class _StartupMixin:
+    """No pruning until ``n_startup`` trials have finished: what ``search.pruner_startup_trials``
+    means for every pruner. Hyperband and successive halving have no such setting of their own
+    (their ``bootstrap_count`` prunes the first trials instead of sparing them)."""
+
+    n_startup = 0
+
+    def prune(self, study: optuna.Study, trial: FrozenTrial) -> bool:
+        # Asked even during start-up: successive halving records each trial's rung values as it
+        # is asked, and the start-up trials must compete in the rungs later.
+        pruned = super().prune(study, trial)  # type: ignore[misc]
+        finished = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED))
+        return bool(pruned) and len(finished) >= self.n_startup
+
+
+class _Hyperband(_StartupMixin, optuna.pruners.HyperbandPruner):
+    pass
+
+
+class _SuccessiveHalving(_StartupMixin, optuna.pruners.SuccessiveHalvingPruner):
+    pass
+
+
 def make_pruner(cfg: Config) -> optuna.pruners.BasePruner:
     s = cfg.search
+    pruner: optuna.pruners.BasePruner
     if s.pruner == "median":
         return optuna.pruners.MedianPruner(n_startup_trials=s.pruner_startup_trials,
                                            n_warmup_steps=s.pruner_warmup_epochs)
     if s.pruner == "hyperband":
-        return optuna.pruners.HyperbandPruner(min_resource=max(1, s.pruner_warmup_epochs),
-                                              max_resource=cfg.train.epochs)
-    if s.pruner == "successive_halving":
-        return optuna.pruners.SuccessiveHalvingPruner(min_resource=max(1, s.pruner_warmup_epochs))
-    return optuna.pruners.NopPruner()
+        pruner = _Hyperband(min_resource=max(1, s.pruner_warmup_epochs), max_resource=cfg.train.epochs)
+    elif s.pruner == "successive_halving":
+        pruner = _SuccessiveHalving(min_resource=max(1, s.pruner_warmup_epochs))
+    else:
+        return optuna.pruners.NopPruner()
+    pruner.n_startup = s.pruner_startup_trials  # type: ignore[attr-defined]
+    return pruner
 
 
-def make_sampler(cfg: Config, grid: bool) -> optuna.samplers.BaseSampler:
+WORKER_ENV = "DRTUNE_WORKER"  # set by `drtune search --workers N`; set it by hand on other machines
+
+
+def worker_id() -> str:
+    """This worker's identity for seeding: ``$DRTUNE_WORKER``, else host and process id."""
+    return os.environ.get(WORKER_ENV) or f"{socket.gethostname()}:{os.getpid()}"
+
+
+def tpe_seed(sampler_seed: int, worker: str) -> int:
+    """A TPE seed for one worker: reproducible for a given (seed, worker), different across workers.
+
+    Workers seeded alike draw the same start-up points in lockstep, running each one N times.
+    """
+    import zlib
+
+    return zlib.crc32(f"{sampler_seed}/{worker}".encode()) & 0x7FFFFFFF
+
+
+def make_sampler(cfg: Config, grid: bool, worker: str | None = None) -> optuna.samplers.BaseSampler:
+    """The grid sampler (one seed on every worker, or points are skipped), or TPE seeded per worker
+    with ``constant_liar`` so that workers avoid the points that others are running."""
     if grid:
         return optuna.samplers.GridSampler(grid_space(cfg), seed=cfg.search.sampler_seed)
-    return optuna.samplers.TPESampler(seed=cfg.search.sampler_seed)
+    seed = tpe_seed(cfg.search.sampler_seed, worker_id() if worker is None else worker)
+    return optuna.samplers.TPESampler(seed=seed, constant_liar=True)
 
 
 # --------------------------------------------------------------------------- objective
@@ -253,6 +336,8 @@ def _pruning_callback(trial: optuna.Trial, epochs: int) -> Any:
 def _run_dir(trial: optuna.Trial, cfg: Config, name: str) -> Path:
     """The trial's run directory; a retried trial reuses its dead predecessor's to resume."""
     frozen = next(t for t in trial.study.get_trials(deepcopy=False) if t.number == trial.number)
+    if frozen.user_attrs.get("run_dir"):  # a retry (stale or interrupted) inherits it
+        return Path(frozen.user_attrs["run_dir"])
     history = frozen.system_attrs.get("retry_history", [])  # set by the retry callback
     number = history[0] if history else trial.number
     return Path(cfg.search.workdir) / name / f"trial-{number:04d}"
@@ -285,8 +370,40 @@ class Objective:
     grid: bool
     name: str
     store: FileSystemArtifactStore
+    # Trials this worker gave up: interrupted (Ctrl-C) or taken over by another worker. Their
+    # failure is reported in one line here, not with Optuna's traceback (see _QuietFailures).
+    abandoned: dict[int, str] = field(default_factory=dict)
 
     def __call__(self, trial: optuna.Trial) -> float:
+        try:
+            return self._run(trial)
+        except KeyboardInterrupt:
+            self.abandoned[trial.number] = "interrupted"
+            if self.grid:
+                logging.warning("trial %d interrupted; the next 'drtune search --grid' runs its point "
+                                "again, resuming its run directory", trial.number)
+            try:
+                # The next `drtune search` (or another worker) runs this point again.
+                trial.set_user_attr("interrupted", True)
+            except Exception:  # noqa: BLE001 - interrupted again, or the database is gone
+                pass
+            raise
+        except _ownership_errors() as exc:
+            # This worker was paused past the grace period: its trial was failed as stale and
+            # handed to another worker, which now owns the run directory. Stop touching it.
+            self.abandoned[trial.number] = "lost"
+            logging.warning("trial %d: another worker took over its run directory while this one "
+                            "was stalled (%s); leaving the trial to it", trial.number,
+                            type(exc).__name__)
+            self._lost = True
+            raise TrialTakenOver(str(exc)) from None
+
+    def take_lost(self) -> bool:
+        """Whether the last trial was taken over by another worker (and forget it)."""
+        lost, self._lost = getattr(self, "_lost", False), False
+        return lost
+
+    def _run(self, trial: optuna.Trial) -> float:
         import keras
 
         from drtune import metrics
@@ -354,6 +471,32 @@ def _last_value(run: Path) -> float:
         return float("nan")
 
 
+class TrialTakenOver(Exception):
+    """This worker's trial was failed as stale and retried elsewhere while it was stalled."""
+
+
+def _ownership_errors() -> tuple[type[BaseException], ...]:
+    """What a stalled worker meets when it comes back: Optuna refusing updates to its (now failed)
+    trial, or train.py's owner token of the run directory, when train.py provides one."""
+    from drtune import train
+
+    lost = getattr(train, "RunOwnershipLost", None)
+    return (optuna.exceptions.UpdateFinishedTrialError,) + ((lost,) if isinstance(lost, type) else ())
+
+
+class _QuietFailures(logging_std.Filter):
+    """Drop Optuna's "Trial N failed ..." warnings (with traceback) for trials that the objective
+    abandoned on purpose; drtune says what happened in one line instead."""
+
+    def __init__(self, abandoned: dict[int, str]) -> None:
+        super().__init__()
+        self.abandoned = abandoned
+
+    def filter(self, record: logging_std.LogRecord) -> bool:
+        message = record.getMessage()
+        return not any(message.startswith(f"Trial {n} failed") for n in self.abandoned)
+
+
 # --------------------------------------------------------------------------- search
 
 
@@ -383,24 +526,33 @@ def create_study(cfg: Config, grid: bool, storage: str | None = None, name: str 
 def search(cfg: Config, data_dir: Path | str | None = None, grid: bool = False,
            storage: str | None = None, name: str | None = None, n_trials: int | None = None,
            timeout: float | None = None) -> optuna.Study:
-    """Run (or resume) a study; a grid stops when every point has finished once."""
+    """Run (or resume) a study; a grid stops when every point has finished once.
+
+    ``n_trials`` (default ``search.n_trials`` for TPE, none for a grid) is the study's budget, not
+    this process's: every worker stops once that many trials have finished or are running,
+    counted across all workers and earlier runs (Optuna's ``MaxTrialsCallback``).
+    """
     from drtune.prepare import load_meta
     from drtune.train import resolve_data_dir
 
+    check_budget(n_trials, timeout)
     data = resolve_data_dir(cfg, data_dir).resolve()
     load_meta(data)  # fail now, not in the first trial
     name = study_name(cfg, name)
     study = create_study(cfg, grid, storage, name)
     _warn_if_config_changed(study, cfg)
-    study.set_user_attr("config", config_lib.to_dict(cfg))
+    # What the study, the run directories and the artifacts keep must carry no password.
+    public = redact_config(cfg)
+    study.set_user_attr("config", config_lib.to_dict(public))
     study.set_user_attr("data_dir", str(data))
     artifacts = artifact_dir(cfg)
     artifacts.mkdir(parents=True, exist_ok=True)
-    objective = Objective(cfg, data, grid, name, FileSystemArtifactStore(str(artifacts)))
+    objective = Objective(public, data, grid, name, FileSystemArtifactStore(str(artifacts)))
     budget = n_trials if n_trials is not None else (None if grid else cfg.search.n_trials)
     timeout = timeout if timeout is not None else (cfg.search.timeout or None)
     logging.info("study %r in %s: %s, pruner %s", name, redact(storage_url(cfg, storage)),
-                 f"grid of {len(_grid_points(cfg))} points" if grid else f"TPE, {budget} trial(s)", cfg.search.pruner)
+                 f"grid of {len(_grid_points(cfg))} points" if grid else
+                 f"TPE (worker {worker_id()}), {budget} trial(s) in the study", cfg.search.pruner)
     started = time.monotonic()
     callbacks = [_log_trial] + ([_StopWhenGridTaken(cfg)] if grid else [])
     with _StaleWatcher(study, cfg.search.heartbeat_interval):
@@ -453,29 +605,100 @@ class _StaleWatcher:
         self.thread.join(timeout=10)
 
 
+def check_budget(n_trials: int | None, timeout: float | None) -> None:
+    """``--n-trials``/``--timeout`` that would do nothing are usage errors."""
+    if n_trials is not None and n_trials < 1:
+        raise InputError(f"--n-trials {n_trials}: must be >= 1")
+    if timeout is not None and not timeout > 0:
+        raise InputError(f"--timeout {timeout:g}: must be > 0 seconds")
+
+
+# Trials that count against the study's budget; a dead worker's trial stops counting when it is
+# failed as stale (and its retry counts once it runs).
+BUDGET_STATES = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING)
+
+
 def _loop(study: optuna.Study, cfg: Config, objective: Objective, grid: bool, budget: int | None,
           timeout: float | None, started: float, callbacks: list[Any]) -> None:
     """Run trials until the budget is spent, or the grid is done (waiting out other workers)."""
-    while True:
-        # Dead trials (of this or another worker) are failed, and queued for retry, here and
-        # at the start of every trial.
-        optuna.storages.fail_stale_trials(study)
-        left = None if timeout is None else timeout - (time.monotonic() - started)
-        if left is not None and left <= 0:
-            break
-        waiting, untouched, running = _waiting(study), _untouched_points(study, cfg), _running_points(study, cfg)
-        if not grid or waiting or untouched:
-            study.optimize(objective, n_trials=budget, timeout=left, callbacks=callbacks,
-                           catch=(DuplicateTrial,), gc_after_trial=True)
-            if not grid or budget is not None:
+    quiet = _QuietFailures(objective.abandoned)
+    # Optuna logs a failed trial (with its traceback) from the module that runs trials.
+    loggers = [logging_std.getLogger(n) for n in ("optuna", "optuna.study._optimize")]
+    for logger in loggers:
+        logger.addFilter(quiet)
+    if budget is not None:
+        callbacks = callbacks + [optuna.study.MaxTrialsCallback(budget, states=BUDGET_STATES)]
+    try:
+        if grid:
+            _requeue_failed(study, cfg, interrupted_only=False)
+        while True:
+            # Dead trials (of this or another worker) are failed, and queued for retry, here and
+            # at the start of every trial.
+            optuna.storages.fail_stale_trials(study)
+            left = None if timeout is None else timeout - (time.monotonic() - started)
+            if left is not None and left <= 0:
                 break
+            if grid:
+                _requeue_failed(study, cfg, interrupted_only=True)
+            if budget is not None:
+                spent = len(study.get_trials(deepcopy=False, states=BUDGET_STATES))
+                if spent >= budget:
+                    logging.info("study %r has %d finished or running trial(s) of its budget of %d; "
+                                 "pass a larger --n-trials to run more", study.study_name, spent, budget)
+                    break
+            waiting, untouched, running = _waiting(study), _untouched_points(study, cfg), _running_points(study, cfg)
+            if not grid or waiting or untouched:
+                try:
+                    study.optimize(objective, n_trials=None, timeout=left, callbacks=callbacks,
+                                   catch=(DuplicateTrial, TrialTakenOver), gc_after_trial=True)
+                except ValueError:
+                    # Optuna cannot record the end of a trial that another worker took over
+                    # ("Cannot tell a FAIL trial"): that trial is not this worker's any more.
+                    if not objective.take_lost():
+                        raise
+                    continue
+                if not grid or budget is not None:
+                    break
+                continue
+            if not running:
+                break
+            # The grid's last points run in other workers (or in one that died: its heartbeat
+            # stops and the trial is retried here once the grace period has passed).
+            logging.info("waiting for %d grid point(s) running elsewhere", len(running))
+            time.sleep(cfg.search.heartbeat_interval)
+    finally:
+        for logger in loggers:
+            logger.removeFilter(quiet)
+
+
+def _requeue_failed(study: optuna.Study, cfg: Config, interrupted_only: bool) -> None:
+    """Queue again each grid point whose trial failed and that no other trial has finished, runs
+    or waits to run: a point interrupted by Ctrl-C is not done. The new trial resumes the failed
+    one's run directory.
+
+    While workers run, only interrupted trials are queued (a trial that a dead worker left is
+    retried by the heartbeat callback, up to ``search.max_retry``); a new ``drtune search`` queues
+    every failed point once.
+    """
+    trials = study.get_trials(deepcopy=False)
+    keys = list(cfg.search.grid)
+    points = set(_grid_points(cfg))
+    live = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING, TrialState.WAITING)
+    taken = {tuple(t.params.get(k) for k in keys) for t in trials if t.state in live}
+    for t in sorted(trials, key=lambda t: -t.number):  # the latest failure of a point
+        point = tuple(t.params.get(k) for k in keys)
+        if t.state != TrialState.FAIL or "duplicate_of" in t.user_attrs or point in taken \
+                or point not in points or (interrupted_only and not t.user_attrs.get("interrupted")):
             continue
-        if not running:
-            break
-        # The grid's last points run in other workers (or in one that died: its heartbeat
-        # stops and the trial is retried here once the grace period has passed).
-        logging.info("waiting for %d grid point(s) running elsewhere", len(running))
-        time.sleep(cfg.search.heartbeat_interval)
+        attrs = {"retry_of": t.number}
+        if t.user_attrs.get("run_dir"):
+            attrs["run_dir"] = t.user_attrs["run_dir"]
+        study.enqueue_trial(dict(t.params), user_attrs=attrs)
+        taken.add(point)
+        logging.info("grid point %s: trial %d %s and no other trial finished it; queued again%s",
+                     " ".join(f"{k}={v}" for k, v in t.params.items()), t.number,
+                     "was interrupted" if t.user_attrs.get("interrupted") else "failed",
+                     f" (resuming {attrs['run_dir']})" if "run_dir" in attrs else "")
 
 
 class DuplicateTrial(Exception):
@@ -498,10 +721,17 @@ class _StopWhenGridTaken:
 
 
 def _check_duplicate(trial: optuna.Trial) -> None:
-    """Fail this trial (as a recorded duplicate) if an earlier live one has its parameters."""
-    live = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING)
-    other = _twin(trial.study, trial.number, trial.params, live, earlier=True)
-    if other is not None:
+    """Fail this trial (as a recorded duplicate) if another trial finished its grid point, or
+    runs it and started first (a queued retry may start after a later twin)."""
+    me = next(t for t in trial.study.get_trials(deepcopy=False) if t.number == trial.number)
+    mine = (me.datetime_start, me.number)
+    for other in trial.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED,
+                                                                 TrialState.RUNNING)):
+        if other.number == trial.number or other.params != trial.params:
+            continue
+        if other.state == TrialState.RUNNING and other.datetime_start is not None \
+                and me.datetime_start is not None and (other.datetime_start, other.number) > mine:
+            continue
         trial.set_user_attr("duplicate_of", other.number)
         logging.info("trial %d: grid point already taken by trial %d; skipping it",
                      trial.number, other.number)
@@ -575,6 +805,7 @@ def finetune_best(cfg: Config, storage: str | None = None, name: str | None = No
     ft_cfg = config_lib.replace(trial_cfg, **{"train.lr": ft.lr, "train.epochs": ft.epochs,
                                               "data.augment": ft.augment, "finetune.lr": ft.lr,
                                               "finetune.epochs": ft.epochs, "finetune.augment": ft.augment})
+    ft_cfg = redact_config(ft_cfg)  # trials run before storage URLs were redacted kept passwords
     data = Path(data_dir) if data_dir else Path(trial_cfg.data.dir)
     out = Path(cfg.search.workdir) / study.study_name / f"finetune-trial-{best.number:04d}"
     done = study.user_attrs.get("finetune")

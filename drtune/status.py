@@ -23,8 +23,15 @@ def _fmt(value: Any, spec: str = ".4f") -> str:
 
 
 def status_text(cfg: Config, storage: str | None = None, name: str | None = None) -> str:
-    """The trials of a study as a text table, then the best trial and the finetune result."""
+    """The trials of a study as a text table, then the best trial and the finetune result.
+
+    Trials of dead workers are failed (and queued for retry) first, as a worker would on its
+    next trial: without that they would show as RUNNING until some worker starts again.
+    """
+    import optuna
+
     study = load_study(cfg, storage, name)
+    optuna.storages.fail_stale_trials(study)
     trials = study.get_trials(deepcopy=False)
     keys = sorted({k for t in trials for k in t.params})
     header = ["#", "state", *keys, "value", "epochs", "duration"]

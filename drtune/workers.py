@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -30,13 +31,19 @@ def parse_gpus(text: str | None) -> list[str]:
 
 
 def worker_envs(n: int, gpus: Sequence[str], base: dict[str, str] | None = None) -> list[dict[str, str]]:
-    """The environment of each of ``n`` workers; GPUs are dealt round-robin."""
+    """The environment of each of ``n`` workers; GPUs are dealt round-robin.
+
+    ``DRTUNE_WORKER`` names each worker (TPE seeds derive from it): ``HOST/i``, or ``ID.i`` when
+    the parent has ``DRTUNE_WORKER=ID`` — so workers differ across machines and are
+    reproducible for a given host (or ID) and index.
+    """
     if n < 1:
         raise InputError(f"--workers {n}: must be >= 1")
     base = dict(os.environ if base is None else base)
+    prefix = f"{base['DRTUNE_WORKER']}." if base.get("DRTUNE_WORKER") else f"{socket.gethostname()}/"
     envs = []
     for i in range(n):
-        env = dict(base, DRTUNE_WORKER=str(i))
+        env = dict(base, DRTUNE_WORKER=f"{prefix}{i}")
         if gpus:
             env["CUDA_VISIBLE_DEVICES"] = gpus[i % len(gpus)]
         envs.append(env)

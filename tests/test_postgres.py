@@ -177,3 +177,79 @@ def test_sqlite_and_postgres_studies_look_alike(prepared: Path, tmp_path: Path, 
     b = optuna.load_study(study_name=study_name, storage=f"sqlite:///{tmp_path / 'alike.db'}").trials
     assert sorted((t.params["train.lr"], t.state) for t in a) == sorted((t.params["train.lr"], t.state) for t in b)
     assert json.dumps(sorted(t.params["train.lr"] for t in a)) == "[0.003, 1e+30]"
+
+
+def test_password_is_stored_and_printed_nowhere(prepared: Path, tmp_path: Path, pg: str, study_name: str) -> None:
+    """A storage URL with a password given in --set (the server trusts every login, so any
+    password connects): not in the study's attributes, config.json, artifacts, logs or hints."""
+    path = study_file(tmp_path, prepared, epochs=1, lrs="[3e-3]")
+    secret = pg.replace("postgres@", "postgres:hunter2@", 1)
+    assert "hunter2" in secret
+    cmd = [sys.executable, "-m", "drtune", "search", "--grid", "--config", str(path), "--study", study_name,
+           "--set", f"search.storage={secret}"]
+    proc = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "hunter2" not in proc.stdout + proc.stderr
+    assert "drtune status" in proc.stdout and "--set 'search.storage=postgresql+psycopg2://postgres:***@" in proc.stdout
+    study = optuna.load_study(study_name=study_name, storage=pg)
+    assert "hunter2" not in json.dumps(study.user_attrs) + json.dumps([t.user_attrs for t in study.trials])
+    assert study.user_attrs["config"]["search"]["storage"].startswith("postgresql+psycopg2://postgres:***@")
+    leaks = [f for f in (tmp_path / "runs").rglob("*") if f.is_file() and b"hunter2" in f.read_bytes()]
+    assert leaks == []
+    assert any((tmp_path / "runs" / "artifacts").iterdir())  # config.json etc. were uploaded
+
+
+@pytest.mark.slow
+def test_killed_and_interrupted_workers_leave_a_complete_grid(prepared: Path, tmp_path: Path, pg: str,
+                                                               study_name: str) -> None:
+    """Four workers on a grid; one is killed (SIGKILL) and one interrupted (SIGINT) mid-trial.
+    The two others finish the grid: each point once, nothing left RUNNING, and the killed trial's
+    retry resumes from the epoch of its last checkpoint."""
+    path = study_file(tmp_path, prepared, epochs=10, lrs=SIX_POINTS)
+    logs = [tmp_path / f"worker-{i}.log" for i in range(4)]
+    procs = [subprocess.Popen(_search(path, pg, study_name, "--set", "search.pruner=none"), env=ENV,
+                              stdout=subprocess.DEVNULL, stderr=log.open("w")) for log in logs]
+    by_pid = {p.pid: p for p in procs}
+    try:
+        deadline, victims = time.monotonic() + 600, []
+        while time.monotonic() < deadline and len(victims) < 2:
+            time.sleep(0.2)
+            try:
+                study = optuna.load_study(study_name=study_name, storage=pg)
+            except KeyError:  # the workers have not created the study yet
+                continue
+            victims = []
+            for t in study.get_trials(states=(TrialState.RUNNING,)):
+                pid = int(t.user_attrs.get("worker", "-:0").split(":")[1])
+                if t.user_attrs.get("epochs_run", 0) >= 2 and pid in by_pid \
+                        and pid not in [int(v.user_attrs["worker"].split(":")[1]) for v in victims]:
+                    victims.append(t)
+            victims = victims[:2]
+        assert len(victims) == 2, "no two trials got going"
+        killed, interrupted = (by_pid[int(v.user_attrs["worker"].split(":")[1])] for v in victims)
+        killed.send_signal(signal.SIGKILL)
+        interrupted.send_signal(signal.SIGINT)
+        killed.wait(timeout=60)
+        assert interrupted.wait(timeout=120) == 130
+        # The checkpoint the killed trial left: its retry must start from here.
+        run_dir = Path(victims[0].user_attrs["run_dir"])
+        epochs_done = json.loads((run_dir / "checkpoints" / "state.json").read_text())["epochs_done"]
+        for p in procs:
+            if p not in (killed, interrupted):
+                assert p.wait(timeout=1200) == 0, logs[procs.index(p)].read_text()[-3000:]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    study = optuna.load_study(study_name=study_name, storage=pg)
+    check_grid_once(study, [3e-3, 2e-3, 1e-3, 5e-4, 2e-4, 1e-4])
+    for victim in victims:
+        redo = [t for t in study.trials if t.params == victim.params and t.number != victim.number
+                and t.state in (TrialState.COMPLETE, TrialState.PRUNED)]
+        assert len(redo) == 1 and redo[0].user_attrs["run_dir"] == victim.user_attrs["run_dir"]
+        assert redo[0].user_attrs["worker"] != victim.user_attrs["worker"]
+    survivors = "".join(logs[procs.index(p)].read_text() for p in procs if p not in (killed, interrupted))
+    assert f"{run_dir}: resuming after epoch {epochs_done}" in survivors
+    assert "Traceback" not in logs[procs.index(interrupted)].read_text()
+    print(f"SIGKILL: trial {victims[0].number} resumed after epoch {epochs_done}; SIGINT: trial "
+          f"{victims[1].number} run again; {len(study.trials)} trials for 6 points")

@@ -183,8 +183,10 @@ def test_tpe_search_runs_n_trials(prepared: Path, tmp_path: Path) -> None:
     for t in study.trials:
         assert set(t.params) == {"train.lr", "model.dropout", "data.augment"}
         assert 1e-4 <= t.params["train.lr"] <= 1e-2
-    # Resuming adds to the same study instead of starting over.
-    assert len(search(load_config(path), grid=False, n_trials=1).trials) == 3
+    # n_trials is the study's budget, not this run's: a spent budget runs nothing, a larger one
+    # adds to the same study instead of starting over.
+    assert len(search(load_config(path), grid=False, n_trials=2).trials) == 2
+    assert len(search(load_config(path), grid=False, n_trials=3).trials) == 3
 
 
 def _drtune(*args: str) -> list[str]:
@@ -296,3 +298,200 @@ def test_storage_errors_are_clear(tmp_path: Path, capsys) -> None:
     assert main(["status", "--storage", url, "--study", "s"]) == 1
     err = capsys.readouterr().err
     assert "127.0.0.1:1" in err and "cannot connect" in err and "s3cret" not in err
+
+
+# --------------------------------------------------------------------------- many workers, faults
+
+
+def test_tpe_workers_draw_different_first_points(prepared: Path, tmp_path: Path, monkeypatch) -> None:
+    """Two workers (as `--workers 2` names them) on one study do not suggest the same points."""
+    from drtune.search import make_sampler, sample, tpe_seed
+    from drtune.workers import worker_envs
+
+    cfg = load_config(study_file(tmp_path, prepared))
+    url = open_storage(cfg)
+    optuna.create_study(study_name="tiny", storage=url, direction="maximize")
+    studies = []
+    for env in worker_envs(2, [], base={}):
+        monkeypatch.setenv("DRTUNE_WORKER", env["DRTUNE_WORKER"])
+        studies.append(optuna.load_study(study_name="tiny", storage=url, sampler=make_sampler(cfg, grid=False)))
+    drawn: list[list[dict]] = [[], []]
+    for _ in range(3):
+        for i, study in enumerate(studies):
+            trial = study.ask()
+            sample(trial, cfg, grid=False)
+            drawn[i].append(trial.params)
+    assert all(a != b for a, b in zip(drawn[0], drawn[1])), drawn
+    # Reproducible for a given worker, different across workers.
+    assert tpe_seed(0, "h/0") == tpe_seed(0, "h/0") != tpe_seed(0, "h/1")
+    assert studies[0].sampler._constant_liar
+
+
+def test_pruner_startup_trials_applies_to_every_pruner(tmp_path: Path) -> None:
+    from drtune.search import make_pruner
+
+    url = f"sqlite:///{tmp_path / 'p.db'}"
+    for pruner in ("successive_halving", "hyperband", "median"):
+        cfg = load_config(None, [f"search.pruner={pruner}", "search.pruner_startup_trials=2",
+                                 "search.pruner_warmup_epochs=1", "train.epochs=8"])
+        study = optuna.create_study(study_name=pruner, storage=url, direction="maximize",
+                                    pruner=make_pruner(cfg))
+
+        def run(value: float) -> tuple[optuna.Trial, bool]:
+            """Report every epoch and ask the pruner each time, as the Keras callback does."""
+            trial, pruned = study.ask(), False
+            for step in range(4):
+                trial.report(value, step)
+                pruned = pruned or trial.should_prune()
+            return trial, pruned
+
+        good, _ = run(0.9)
+        study.tell(good, 0.9)
+        bad, pruned = run(0.1)
+        assert not pruned, f"{pruner} pruned with 1 of 2 start-up trials finished"
+        study.tell(bad, 0.1)
+        assert run(0.05)[1], f"{pruner} never prunes"
+
+
+def test_budget_flags_that_do_nothing_are_refused(capsys) -> None:
+    assert main(["search", "--n-trials", "-1"]) == 2
+    assert "drtune: error: --n-trials -1: must be >= 1" in capsys.readouterr().err
+    assert main(["search", "--timeout", "-5"]) == 2
+    assert "drtune: error: --timeout -5: must be > 0" in capsys.readouterr().err
+    assert main(["search", "--workers", "0"]) == 2
+
+
+def test_sqlite_memory_url_makes_no_folder(tmp_path: Path, monkeypatch, capsys) -> None:
+    monkeypatch.chdir(tmp_path)
+    assert main(["status", "--storage", "sqlite://", "--study", "s"]) == 2
+    assert "has no study 's'" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("url", [
+    "postgresql+psycopg2://drtune:s3cret@db.example:5432/optuna",
+    "postgresql://drtune:s3c@ret@db.example/optuna",  # an unescaped '@' in the password
+    "postgresql://drtune@db.example/optuna?sslmode=require&password=s3cret",
+    "postgresql://db.example/optuna?PGPASSWORD=s3cret&user=drtune",
+])
+def test_redact_masks_every_password(url: str) -> None:
+    from argparse import Namespace
+
+    from drtune.cli import _cfg_flag
+    from drtune.search import redact
+
+    shown = redact(url)
+    assert "s3c" not in shown and "ret" not in shown.replace("require", "") and "db.example" in shown
+    hint = _cfg_flag(Namespace(config=None, storage=url, study=None, set=[f"search.storage={url}"]))
+    assert "s3c" not in hint and "--set 'search.storage=postgresql" in hint
+
+
+def test_closing_hint_keeps_set_flags(grid_study, capsys) -> None:
+    path, _ = grid_study
+    workdir = load_config(path).search.workdir
+    assert main(["search", "--grid", "--config", str(path), "--set", f"search.workdir={workdir}"]) == 0
+    out = capsys.readouterr().out
+    assert f"drtune status --config {path} --set search.workdir={workdir}" in out
+
+
+def test_status_fails_a_dead_workers_trial(prepared: Path, tmp_path: Path, capsys) -> None:
+    path = study_file(tmp_path, prepared)
+    cfg = load_config(path)
+    study = optuna.create_study(study_name="tiny", storage=open_storage(cfg), direction="maximize")
+    trial = study.ask({"train.lr": optuna.distributions.FloatDistribution(1e-4, 1e-2)})
+    # What a worker's heartbeat thread does, then the worker dies: no beat for the grace period.
+    study._storage.record_heartbeat(trial._trial_id)
+    time.sleep(cfg.search.grace_period + 1)
+    assert main(["status", "--config", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "RUNNING" not in out and "FAIL" in out and "WAITING" in out  # failed and queued for retry
+
+
+def test_interrupted_grid_point_runs_again(prepared: Path, tmp_path: Path) -> None:
+    """Ctrl-C mid-trial: one line, no traceback; the next search resumes the point and finishes it."""
+    path = study_file(tmp_path, prepared, epochs=20, lrs="[3e-3]")
+    cfg = load_config(path)
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
+    cmd = _drtune("search", "--grid", "--config", str(path))
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    state = Path(cfg.search.workdir) / "tiny" / "trial-0000" / "checkpoints" / "state.json"
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and proc.poll() is None:
+        try:
+            if json.loads(state.read_text())["epochs_done"] >= 2:
+                break
+        except (OSError, json.JSONDecodeError, KeyError):
+            pass
+        time.sleep(0.05)
+    assert proc.poll() is None, proc.stderr.read()[-3000:]
+    proc.send_signal(signal.SIGINT)
+    err = proc.communicate(timeout=120)[1]
+    assert proc.returncode == 130, err[-3000:]
+    assert "Traceback" not in err and "drtune: error: interrupted" in err
+    study = optuna.load_study(study_name="tiny", storage=storage_url(cfg))
+    assert [t.state for t in study.trials] == [TrialState.FAIL]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    study = optuna.load_study(study_name="tiny", storage=storage_url(cfg))
+    finished = [t for t in study.trials if t.state in (TrialState.COMPLETE, TrialState.PRUNED)]
+    assert len(finished) == 1 and finished[0].user_attrs["run_dir"] == str(state.parents[1])
+    assert "resuming after epoch" in done.stderr and "grid: 1 of 1 points finished" in done.stderr
+
+
+@pytest.mark.parametrize("noticed_by", ["optuna", "owner token"])
+def test_stalled_worker_leaves_its_taken_over_trial(prepared: Path, tmp_path: Path, monkeypatch, caplog,
+                                                    noticed_by: str) -> None:
+    """A worker that comes back after its trial was failed as stale and handed to another worker
+    stops that trial quietly: no traceback, no artifacts, and it goes on with the study. It
+    notices either when Optuna refuses to update the failed trial, or first, through the run
+    directory's owner token (train.RunOwnershipLost)."""
+    import drtune.train
+
+    if noticed_by == "owner token" and not hasattr(drtune.train, "RunOwnershipLost"):
+        pytest.skip("drtune.train has no owner token yet")
+
+    path = study_file(tmp_path, prepared, lrs="[3e-3]")
+    cfg = load_config(path)
+    url = storage_url(cfg)
+
+    def stalled_train(cfg, data_dir, workdir, callbacks=(), init_model=None):
+        Path(workdir).mkdir(parents=True, exist_ok=True)
+        (Path(workdir) / "history.csv").write_text("the other worker's\n")
+        # Meanwhile another worker failed this trial as stale (and resumes its run directory).
+        other = optuna.load_study(study_name="tiny", storage=url)
+        running = other.get_trials(states=(TrialState.RUNNING,))[0]
+        other._storage.set_trial_state_values(running._trial_id, TrialState.FAIL)
+        if noticed_by == "owner token":
+            raise drtune.train.RunOwnershipLost(f"{workdir}: another process owns this run now")
+        for cb in callbacks:  # the paused worker finishes its epoch
+            cb.on_epoch_begin(0)
+            cb.on_epoch_end(0, {"val_balanced_accuracy": 0.5})
+        raise AssertionError("the callbacks should have stopped this trial")
+
+    monkeypatch.setattr(drtune.train, "train_and_evaluate", stalled_train)
+    study = search(cfg, grid=True)
+    [trial] = study.trials
+    assert trial.state == TrialState.FAIL
+    assert get_all_artifact_meta(trial, storage=open_storage(cfg)) == []
+    assert (Path(trial.user_attrs["run_dir"]) / "history.csv").read_text() == "the other worker's\n"
+    text = caplog.text
+    assert "another worker took over its run directory" in text
+    assert "Traceback" not in text and "Trial 0 failed" not in text
+
+
+def test_demo_keeps_everything_in_its_workdir(prepared: Path, tmp_path: Path, monkeypatch, capsys) -> None:
+    """An exported $DRTUNE_STORAGE (a production database) is not the demo's: the demo uses its
+    workdir's SQLite file, and prints no password."""
+    import shutil
+
+    from drtune.demo import run_demo
+
+    work = tmp_path / "demo"
+    (work / "synth").mkdir(parents=True)  # finished steps are reused: skip synth and prepare
+    shutil.copytree(prepared, work / "data")
+    monkeypatch.setenv("DRTUNE_STORAGE", "postgresql+psycopg2://drtune:hunter2@127.0.0.1:1/production")
+    summary = run_demo(work, study_file(tmp_path, prepared, epochs=2, lrs="[3e-3]"))
+    assert summary["test"]["n"] > 0
+    assert (work / "runs" / "optuna.db").is_file()
+    out = capsys.readouterr()
+    assert "hunter2" not in out.out + out.err and f"--storage sqlite:///{work / 'runs'}" in out.out
