@@ -373,8 +373,10 @@ class Objective:
     # Trials this worker gave up: interrupted (Ctrl-C) or taken over by another worker. Their
     # failure is reported in one line here, not with Optuna's traceback (see _QuietFailures).
     abandoned: dict[int, str] = field(default_factory=dict)
+    current: int | None = None  # storage id of the trial running here (for the stale watcher)
 
     def __call__(self, trial: optuna.Trial) -> float:
+        self.current = trial._trial_id
         try:
             return self._run(trial)
         except KeyboardInterrupt:
@@ -397,6 +399,8 @@ class Objective:
                             type(exc).__name__)
             self._lost = True
             raise TrialTakenOver(str(exc)) from None
+        finally:
+            self.current = None
 
     def take_lost(self) -> bool:
         """Whether the last trial was taken over by another worker (and forget it)."""
@@ -555,7 +559,7 @@ def search(cfg: Config, data_dir: Path | str | None = None, grid: bool = False,
                  f"TPE (worker {worker_id()}), {budget} trial(s) in the study", cfg.search.pruner)
     started = time.monotonic()
     callbacks = [_log_trial] + ([_StopWhenGridTaken(cfg)] if grid else [])
-    with _StaleWatcher(study, cfg.search.heartbeat_interval):
+    with _StaleWatcher(study, cfg.search.heartbeat_interval, objective):
         _loop(study, cfg, objective, grid, budget, timeout, started, callbacks)
     _summary(study, grid, cfg)
     return study
@@ -582,16 +586,21 @@ class _StaleWatcher:
     a whole trial's time away; this thread notices them one interval after the grace period.
     """
 
-    def __init__(self, study: optuna.Study, interval: float) -> None:
+    def __init__(self, study: optuna.Study, interval: float, objective: Objective | None = None) -> None:
         import threading
 
-        self.study, self.interval = study, interval
+        self.study, self.interval, self.objective = study, interval, objective
         self.stop = threading.Event()
         self.thread = threading.Thread(target=self._run, name="drtune-stale-watcher", daemon=True)
 
     def _run(self) -> None:
         while not self.stop.wait(self.interval):
             try:
+                # This process is alive, so its own trial is not stale even if its heartbeat
+                # thread was starved (an overloaded machine): beat for it before judging others.
+                current = self.objective.current if self.objective is not None else None
+                if current is not None:
+                    self.study._storage.record_heartbeat(current)
                 optuna.storages.fail_stale_trials(self.study)
             except Exception as exc:  # noqa: BLE001 - a database hiccup must not kill the worker
                 logging.debug("stale-trial check failed: %s", exc)
