@@ -202,24 +202,50 @@ def test_cli_gradcam(run: Path, tmp_path: Path, capsys) -> None:
 
 @pytest.mark.slow
 def test_pointing_game_beats_random_peaks(tmp_path: Path) -> None:
-    """A model trained on synthetic photographs points at their lesions, far above chance."""
+    """A model trained on synthetic photographs points at their lesions, far above chance.
+
+    What makes this stable across machines (each CPU's floating-point path trains a slightly
+    different model): the maps judged are those of the model after all epochs
+    (``checkpoints/last.keras``), not ``model.keras``: that is the best epoch on 16 validation
+    photos, which can be an early one (epoch 2 of 20 on some machines) that already separates the
+    classes by overall colour but has not learned where lesions are. A learning rate low enough
+    for training to settle, 24 RDR test photos, and a margin measured against the random-peak
+    baseline of the same photos in the same run (3 standard deviations of a random peak's hit
+    count), not a fixed hit rate that 12 photos move by 0.08 each.
+    """
+    import keras
+
     from drtune.prepare import PrepareOptions, find_idrid, prepare
     from drtune.synth import make_synthetic
+    from drtune.train import LAST, read_history
 
     # 256 px: the last feature map is 8x8; at 96-128 px (3x3, 4x4) a map is too coarse to point
     # at lesions much better than chance. (model.width=8 at 256 px crashes oneDNN in TF 2.21.)
     root = tmp_path / "synth"
-    make_synthetic(root, n_train=80, n_test=24, width=400, height=266, seed=0)
+    make_synthetic(root, n_train=80, n_test=48, width=400, height=266, seed=0)
     prepare(find_idrid(root), tmp_path / "data", PrepareOptions(size=256, workers=1, seed=0))
-    cfg = load_config(None, ["train.batch_size=8", "train.epochs=20", "train.lr=3e-3"])
+    cfg = load_config(None, ["train.batch_size=8", "train.epochs=20", "train.lr=1e-3", "train.seed=0"])
     train_and_evaluate(cfg, tmp_path / "data", tmp_path / "run")
-    model, info, metrics = load_run(tmp_path / "run")
-    score = gradcam.pointing_score(model, root, "test", info, metrics["threshold"])
-    assert score["n_rdr"] == 12 and score["n"] >= 8  # most RDR test photos are found
-    assert 0.0 < score["baseline"] < 0.5
-    assert score["hit_rate"] > 0.5 and score["hit_rate"] >= score["baseline"] + 0.3, score
-    assert score["energy_share"] > score["baseline"], score
-    # Through run_gradcam: the score lands in summary.json and lesion outlines in the gallery.
+    _, info, metrics = load_run(tmp_path / "run")
+    trained = keras.models.load_model(tmp_path / "run" / "checkpoints" / LAST)
+    score = gradcam.pointing_score(trained, root, "test", info, 0.5)
+    # The model is right first (else its maps mean little): it separates the validation photos
+    # and finds most RDR test photos.
+    assert float(read_history(tmp_path / "run" / "history.csv")[-1]["val_auc"]) >= 0.8
+    assert score["n_rdr"] == 24 and score["n"] >= 18, score
+    # A uniformly random peak hits photo i's lesions with probability coverage_i: its hit count
+    # has mean sum(c) and variance sum(c (1 - c)). Demand 3 standard deviations above that.
+    coverage = np.array([r["coverage"] for r in score["images"]])
+    hits = sum(r["hit"] for r in score["images"])
+    chance, sd = coverage.sum(), np.sqrt(np.sum(coverage * (1 - coverage)))
+    assert 0.0 < score["baseline"] < 0.5, score
+    assert hits >= chance + 3 * sd and score["hit_rate"] >= score["baseline"] + 0.2, (hits, chance, sd, score)
+    assert score["energy_share"] >= score["baseline"] + 0.05, score
+    # Through run_gradcam (the run's own model and threshold): the score lands in summary.json
+    # and lesion outlines in the gallery.
     summary = gradcam.run_gradcam(tmp_path / "run", tmp_path / "gallery", n=4, masks=root)
     saved = json.loads((tmp_path / "gallery" / "summary.json").read_text())["pointing"]
-    assert saved["hit_rate"] == pytest.approx(score["hit_rate"]) and "hit rate" in summary["pointing_text"]
+    model, _, _ = load_run(tmp_path / "run")
+    expected = gradcam.pointing_score(model, root, "test", info, metrics["threshold"])
+    assert saved["hit_rate"] == pytest.approx(expected["hit_rate"]) and saved["n_rdr"] == 24
+    assert "hit rate" in summary["pointing_text"]
