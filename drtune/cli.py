@@ -179,6 +179,23 @@ def _cfg_flag(args: argparse.Namespace) -> str:
     return "".join(" " + f for f in flags)
 
 
+def cmd_report(args: argparse.Namespace) -> int:
+    from drtune.report import report_study, write_report
+
+    if (args.run is None) == (args.config is None):
+        raise InputError("give either a run directory RUN or --config STUDY (for its fine-tuned model)")
+    if args.run is not None:
+        if args.storage or args.study:
+            raise InputError("--storage/--study go with --config, not with a run directory")
+        card = write_report(args.run, args.out, args.data)
+    else:
+        card = report_study(_study_config(args), args.out, args.storage, args.study, args.data)
+    t = card["test"]
+    print(f"model card of {card['run']} (test n={t['n']}, balanced accuracy {t['balanced_accuracy']:.3f}): "
+          f"open {Path(args.out) / 'report.html'}")
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from drtune.demo import run_demo
 
@@ -252,7 +269,7 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
 
 def _add_evaluate(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("evaluate", help="evaluate a run on a split",
-                       description="Metrics with bootstrap 95% CIs, confusion matrix and ROC of RUN on a "
+                       description="Metrics with 95% CIs, confusion matrix and ROC of RUN on a "
                                    "split, at the threshold frozen on validation; writes RUN/eval-SPLIT/.")
     p.add_argument("run", type=Path, help="run directory")
     p.add_argument("--data", type=Path, help="data directory (default: the one the run trained on)")
@@ -351,6 +368,19 @@ def _add_dashboard(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(handler=cmd_dashboard)
 
 
+def _add_report(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "report", help="model card of a run or of a study's fine-tuned model",
+        description="Write OUT/report.html (self-contained model card: test metrics with 95%% CIs, "
+                    "operating points beside the IDx-DR endpoints, per-grade sensitivity, calibration, "
+                    "data, training, caveats) and OUT/report.json. Evaluates the run on val and test "
+                    "first when needed.")
+    p.add_argument("run", type=Path, nargs="?", help="run directory (or --config for a study's fine-tuned model)")
+    _study_args(p)
+    p.add_argument("--out", type=Path, required=True, help="output folder")
+    p.set_defaults(handler=cmd_report)
+
+
 def _add_demo(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("demo", help="run the whole pipeline on synthetic data",
                        description="synth -> prepare -> grid search (the built-in demo study) -> finetune "
@@ -372,7 +402,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
     for add in (_add_synth, _add_prepare, _add_train, _add_evaluate, _add_predict, _add_gradcam, _add_search,
-                _add_finetune, _add_status, _add_dashboard, _add_demo):
+                _add_finetune, _add_status, _add_dashboard, _add_report, _add_demo):
         add(sub)
     return parser
 

@@ -366,7 +366,7 @@ def _field(data_dir: Path | str, split: str, meta: dict | None, key: str) -> lis
     """One small feature of every example of ``split``, in eval order (images are not decoded)."""
     data_dir = Path(data_dir)
     _, _, files = _split_meta(data_dir, split, meta)
-    spec = {key: _FEATURES[key]}
+    spec = {key: _FEATURES.get(key) or _SIDE_FEATURES[key]}
     ds = _records(files).map(lambda raw: tf.io.parse_single_example(raw, spec)[key],
                              num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     return list(ds.batch(4096).with_options(_options()).as_numpy_iterator())
@@ -380,3 +380,13 @@ def split_labels(data_dir: Path | str, split: str, meta: dict | None = None) -> 
 def split_names(data_dir: Path | str, split: str, meta: dict | None = None) -> list[str]:
     """Image names of ``split`` in :func:`eval_dataset` order."""
     return [n.decode("utf-8") for chunk in _field(data_dir, split, meta, "name") for n in chunk]
+
+
+# Features read only beside the images (not by the training pipeline). A record without a
+# grade (written by hand, not by `prepare`) reads -1 rather than failing the whole split.
+_SIDE_FEATURES = {"grade": tf.io.FixedLenFeature([], tf.int64, default_value=-1)}
+
+
+def split_grades(data_dir: Path | str, split: str, meta: dict | None = None) -> np.ndarray:
+    """int32 ICDR grades (0-4; -1 when a record has none) of ``split`` in :func:`eval_dataset` order."""
+    return np.concatenate(_field(data_dir, split, meta, "grade")).astype(np.int32)

@@ -1,6 +1,6 @@
 """Evaluate a run on a split, and predict on raw photographs, with the run's frozen threshold.
 
-``evaluate`` writes ``RUN/eval-<split>/`` (metrics.json with bootstrap CIs, confusion_matrix.png,
+``evaluate`` writes ``RUN/eval-<split>/`` (metrics.json with 95% CIs, confusion_matrix.png,
 roc.png, predictions.csv); ``predict`` applies exactly the ``prepare`` preprocessing to raw
 photographs and writes one CSV row per image, an error row for any it cannot read.
 """
@@ -81,6 +81,7 @@ def evaluate_run(run_dir: Path | str, data_dir: Path | str | None = None, split:
     ds = data.eval_dataset(data_dir, split, batch_size, image_size=image_size, meta=meta)
     y = data.split_labels(data_dir, split, meta)
     names = data.split_names(data_dir, split, meta)
+    grades = data.split_grades(data_dir, split, meta)  # per-grade sensitivity in the model card
     p_rdr = model.predict(ds, verbose=0)[:, 1]
     threshold = float(run_metrics["threshold"])
     result = metrics.report(y, p_rdr, threshold, n_boot=n_boot)
@@ -91,8 +92,9 @@ def evaluate_run(run_dir: Path | str, data_dir: Path | str | None = None, split:
     title = f"{run.name}: {split} (n={len(y)}, threshold {threshold:.3f})"
     metrics.plot_confusion_matrix(result["confusion_matrix"], out / "confusion_matrix.png", title)
     metrics.plot_roc(y, p_rdr, out / "roc.png", threshold=threshold, title=title)
-    _write_csv(out / "predictions.csv", ["name", "label", "p_rdr", "decision"],
-               [[n, int(t), f"{p:.6f}", CLASS_NAMES[int(p >= threshold)]] for n, t, p in zip(names, y, p_rdr)])
+    _write_csv(out / "predictions.csv", ["name", "label", "p_rdr", "decision", "grade"],
+               [[n, int(t), f"{p:.6f}", CLASS_NAMES[int(p >= threshold)], int(g)]
+                for n, t, p, g in zip(names, y, p_rdr, grades)])
     write_json(out / "metrics.json", result)
     ci = result["ci95"]
     logging.info("%s %s: balanced accuracy %.3f (95%% CI %s), AUC %s, sensitivity %s, specificity %s",

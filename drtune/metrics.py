@@ -20,10 +20,12 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 from numpy.typing import ArrayLike
-from scipy.stats import mannwhitneyu  # scikit-learn's own dependency
+from scipy.stats import binomtest, mannwhitneyu  # scikit-learn's own dependency
+from sklearn.calibration import calibration_curve
 from sklearn.metrics import (
     accuracy_score,
     balanced_accuracy_score,
+    brier_score_loss,
     confusion_matrix,
     recall_score,
     roc_auc_score,
@@ -174,13 +176,130 @@ def bootstrap_ci(
     }
 
 
+def proportion_ci(k: int, n: int, alpha: float = 0.05) -> list[float] | None:
+    """Wilson score ``[lower, upper]`` (1 - alpha) interval of the proportion k/n; None if n == 0.
+
+    Unlike the bootstrap, it does not collapse at 0/n or n/n: 16 of 16 RDR found gives
+    0.806-1.000, which says what 16 cases can and cannot show. Wilson rather than
+    Clopper-Pearson because its coverage is close to nominal instead of conservative.
+    """
+    if n == 0:
+        return None
+    ci = binomtest(int(k), int(n)).proportion_ci(confidence_level=1 - alpha, method="wilson")
+    return [float(ci.low), float(ci.high)]
+
+
+# How each ``ci95`` entry of ``report`` is computed (also written to metrics.json).
+CI_METHODS: dict[str, str] = {
+    "balanced_accuracy": "stratified bootstrap", "auc": "stratified bootstrap",
+    "accuracy": "Wilson", "sensitivity": "Wilson", "specificity": "Wilson",
+}
+
+
 def report(
     y_true: ArrayLike, p_rdr: ArrayLike, threshold: float, n_boot: int = 1000, seed: int = 0
 ) -> dict[str, Any]:
-    """``binary_metrics`` plus ``ci95``: the content of ``RUN/eval-<split>/metrics.json``."""
+    """``binary_metrics`` plus ``ci95`` and ``ci_method``: the content of
+    ``RUN/eval-<split>/metrics.json``.
+
+    Sensitivity, specificity and accuracy are proportions of counted cases and get Wilson
+    intervals (a bootstrap of 16/16 found is always 16/16, "1.000-1.000"); AUC and balanced
+    accuracy, which have no binomial count, keep the stratified bootstrap.
+    """
     out = binary_metrics(y_true, p_rdr, threshold)
-    out["ci95"] = bootstrap_ci(y_true, p_rdr, threshold, n_boot=n_boot, seed=seed)
+    ci = bootstrap_ci(y_true, p_rdr, threshold, n_boot=n_boot, seed=seed)
+    (tn, fp), (fn, tp) = out["confusion_matrix"]
+    ci["sensitivity"] = proportion_ci(tp, tp + fn)
+    ci["specificity"] = proportion_ci(tn, tn + fp)
+    ci["accuracy"] = proportion_ci(tp + tn, out["n"])
+    out["ci95"] = ci
+    out["ci_method"] = dict(CI_METHODS)
     return out
+
+
+def threshold_for_sensitivity(y_true: ArrayLike, p_rdr: ArrayLike, target: float = 0.85) -> float | None:
+    """The highest threshold whose sensitivity on (validation) data is >= ``target``.
+
+    The highest such threshold keeps the most specificity. As in ``choose_threshold``, the
+    returned value is the middle of the interval of thresholds that give that operating point,
+    not a score on its edge. None when the data has no RDR case.
+    """
+    if not 0.0 < target <= 1.0:
+        raise ValueError(f"target sensitivity must be in (0, 1], got {target}")
+    y, p = _check(y_true, p_rdr)
+    if not (y == 1).any():
+        return None
+    if not (y == 0).any():
+        return float(min(p[y == 1].min(), 1.0))  # no NRDR: nothing to trade, call every case RDR
+    _, tpr, thr = roc_curve(y, p, drop_intermediate=False)  # thr descending, tpr ascending
+    k = int(np.argmax(tpr >= target - 1e-12))
+    hi = float(np.clip(thr[k], 0.0, 1.0))
+    lo = float(np.clip(thr[k + 1], 0.0, 1.0)) if k + 1 < thr.size else 0.0
+    mid = (lo + hi) / 2
+    return mid if mid > lo else hi
+
+
+def operating_point(name: str, y_true: ArrayLike, p_rdr: ArrayLike, threshold: float) -> dict[str, Any]:
+    """``{name, threshold, sensitivity, specificity}`` of ``threshold`` on the data, with Wilson
+    95% intervals (``sensitivity_ci95``, ``specificity_ci95``) and the counts behind them."""
+    m = binary_metrics(y_true, p_rdr, threshold)
+    (tn, fp), (fn, tp) = m["confusion_matrix"]
+    return {
+        "name": name, "threshold": float(threshold),
+        "sensitivity": m["sensitivity"], "specificity": m["specificity"],
+        "sensitivity_ci95": proportion_ci(tp, tp + fn), "specificity_ci95": proportion_ci(tn, tn + fp),
+        "tp": tp, "fn": fn, "tn": tn, "fp": fp,
+    }
+
+
+def per_grade(grades: ArrayLike, p_rdr: ArrayLike, threshold: float, rdr_grade: int = 2) -> list[dict[str, Any]]:
+    """For each ICDR grade present: ``{grade, referable, n, called_rdr, share, ci95}``.
+
+    ``share`` (called RDR / n, Wilson interval) is the sensitivity within a referable grade
+    (>= ``rdr_grade``) and the false-positive rate within a non-referable one: a model that
+    finds grade 4 but misses grade 2 shows it here, not in the pooled sensitivity. Records
+    without a grade (-1) are left out.
+    """
+    g = np.ravel(np.asarray(grades)).astype(int)
+    p = np.ravel(np.asarray(p_rdr, dtype=float))
+    if g.size != p.size:
+        raise ValueError(f"need one grade per score, got {g.size} grades and {p.size} scores")
+    rows = []
+    for grade in sorted(set(g.tolist()) - {-1}):
+        sel = g == grade
+        n, k = int(sel.sum()), int((p[sel] >= threshold).sum())
+        rows.append({"grade": grade, "referable": grade >= rdr_grade, "n": n, "called_rdr": k,
+                     "share": k / n, "ci95": proportion_ci(k, n)})
+    return rows
+
+
+def calibration(y_true: ArrayLike, p_rdr: ArrayLike, n_bins: int = 10) -> dict[str, Any]:
+    """Calibration of P(RDR): ``brier`` (scikit-learn), ``ece``, ``n_bins`` and the reliability
+    curve ``bins`` (one ``{p_mean, rdr_rate, n}`` per non-empty bin).
+
+    Bins are scikit-learn's ``calibration_curve`` uniform bins; ``ece`` is the expected
+    calibration error of P(RDR): the mean |observed RDR rate - mean P(RDR)| over bins, weighted
+    by the share of cases in each bin (scikit-learn has no ECE; the bin counts are computed
+    with its binning so that they pair with its curve). ``brier_reference`` is the Brier score of
+    always predicting the prevalence, the bar a useful model must beat.
+    """
+    y, p = _check(y_true, p_rdr)
+    if n_bins < 1:
+        raise ValueError(f"n_bins must be >= 1, got {n_bins}")
+    rate, mean_p = calibration_curve(y, p, n_bins=n_bins, strategy="uniform")
+    edges = np.linspace(0.0, 1.0, n_bins + 1)
+    counts = np.bincount(np.searchsorted(edges[1:-1], p), minlength=n_bins)
+    counts = counts[counts > 0]
+    prevalence = float(y.mean())
+    return {
+        "brier": float(brier_score_loss(y, p, pos_label=1)),
+        "brier_reference": prevalence * (1 - prevalence),
+        "ece": float(np.sum(counts * np.abs(rate - mean_p)) / y.size),
+        "n_bins": int(n_bins),
+        "bins": [{"p_mean": float(a), "rdr_rate": float(b), "n": int(c)}
+                 for a, b, c in zip(mean_p, rate, counts)],
+        "n": int(y.size),
+    }
 
 
 def _save(fig: Figure, path: Path | str | None) -> Figure:
@@ -266,6 +385,38 @@ def plot_roc(
     ax.set_title(title or f"ROC, RDR vs NRDR (n={y.size})")
     ax.grid(alpha=0.3)
     ax.legend(loc="lower right", fontsize=9)
+    return _save(fig, path)
+
+
+def plot_reliability(y_true: ArrayLike, p_rdr: ArrayLike, path: Path | str | None = None,
+                     n_bins: int = 10, title: str = "") -> Figure:
+    """Reliability diagram of P(RDR): observed RDR rate against mean P(RDR) per bin (marker
+    area ~ cases in the bin), the diagonal of perfect calibration, ECE and Brier score in the
+    legend, and below it the histogram of P(RDR) by true class (where the model puts its cases).
+    """
+    y, p = _check(y_true, p_rdr)
+    cal = calibration(y, p, n_bins)
+    fig = Figure(figsize=(4.8, 5.6), layout="constrained")
+    top, bottom = fig.subplots(2, 1, sharex=True, height_ratios=[3, 1.2])
+    top.plot([0, 1], [0, 1], ls="--", color="0.6", lw=1, label="perfectly calibrated")
+    xs = [b["p_mean"] for b in cal["bins"]]
+    ys = [b["rdr_rate"] for b in cal["bins"]]
+    sizes = [20 + 200 * b["n"] / cal["n"] for b in cal["bins"]]
+    top.plot(xs, ys, "-", color="C0", lw=1.5)
+    top.scatter(xs, ys, s=sizes, color="C0", zorder=3,
+                label=f"model (ECE {cal['ece']:.3f}, Brier {cal['brier']:.3f})")
+    top.set(xlim=(-0.01, 1.01), ylim=(-0.02, 1.02), ylabel="observed share RDR")
+    top.set_title(title or f"Reliability, P(RDR) in {n_bins} bins (n={y.size})")
+    top.grid(alpha=0.3)
+    top.legend(loc="upper left", fontsize=8)
+    edges = np.linspace(0.0, 1.0, n_bins + 1)
+    for label, color in ((0, "C2"), (1, "C3")):
+        if (y == label).any():
+            bottom.hist(p[y == label], bins=edges, color=color, alpha=0.6,
+                        label=f"true {CLASS_NAMES[label]} ({int((y == label).sum())})")
+    bottom.set(xlabel="predicted P(RDR)", ylabel="cases")
+    bottom.yaxis.set_major_locator(MaxNLocator(integer=True))
+    bottom.legend(fontsize=8)
     return _save(fig, path)
 
 

@@ -216,10 +216,99 @@ def test_bootstrap_is_fast() -> None:
 
 def test_report_is_metrics_plus_ci() -> None:
     r = report(Y, P, 0.5, n_boot=100)
-    ci = r.pop("ci95")
+    ci, methods = r.pop("ci95"), r.pop("ci_method")
     assert r == binary_metrics(Y, P, 0.5)
-    assert ci == bootstrap_ci(Y, P, 0.5, n_boot=100)
+    assert set(ci) == set(methods) == set(METRIC_KEYS)  # readers of ci95 find the same keys
+    boot = bootstrap_ci(Y, P, 0.5, n_boot=100)
+    for k in ("auc", "balanced_accuracy"):
+        assert ci[k] == boot[k] and methods[k] == "stratified bootstrap"
+    # Proportions: Wilson on the counts of the confusion matrix (TN 4 FP 2 / FN 1 TP 3).
+    assert ci["sensitivity"] == pytest.approx(metrics.proportion_ci(3, 4))
+    assert ci["specificity"] == pytest.approx(metrics.proportion_ci(4, 6))
+    assert ci["accuracy"] == pytest.approx(metrics.proportion_ci(7, 10))
     json.dumps(ci)
+
+
+def test_all_found_does_not_collapse_the_interval() -> None:
+    """16 of 16 RDR found: the bootstrap says 1.0-1.0; the report must not."""
+    y, p = [1] * 16 + [0] * 16, [0.9] * 16 + [0.2] * 15 + [0.7]
+    r = report(y, p, 0.5, n_boot=200)
+    assert r["sensitivity"] == 1.0
+    assert bootstrap_ci(y, p, 0.5, n_boot=200)["sensitivity"] == [1.0, 1.0]
+    lo, hi = r["ci95"]["sensitivity"]
+    assert hi == 1.0 and lo == pytest.approx(0.806, abs=1e-3)  # Wilson 16/16, as published tables
+    lo, hi = r["ci95"]["specificity"]
+    assert lo < 15 / 16 < hi < 1.0
+
+
+@pytest.mark.parametrize(("k", "n", "expected"), [(0, 10, (0.0, 0.2775)), (5, 10, (0.2366, 0.7634)),
+                                                  (8, 8, (0.6756, 1.0))])
+def test_proportion_ci_wilson_reference_values(k: int, n: int, expected: tuple[float, float]) -> None:
+    assert metrics.proportion_ci(k, n) == pytest.approx(list(expected), abs=1e-4)
+    assert metrics.proportion_ci(0, 0) is None
+
+
+# --- operating points, per grade, calibration -------------------------------------------------
+
+
+def test_threshold_for_sensitivity_reaches_target_with_most_specificity() -> None:
+    y, p = _scores(200, 3)
+    for target in (0.5, 0.85, 0.95, 1.0):
+        t = metrics.threshold_for_sensitivity(y, p, target)
+        m = binary_metrics(y, p, t)
+        assert m["sensitivity"] >= target, target
+        # Any higher threshold that gives a different call loses the target.
+        higher = sorted(s for s in p[y == 1] if s > t)
+        if higher:
+            assert binary_metrics(y, p, higher[0] + 1e-9)["sensitivity"] < target, target
+    # P: RDR scores 0.9, 0.8, 0.5, 0.3; 0.75 needs three of them: between 0.5 and the next score
+    # below (0.4, an NRDR case), i.e. 0.45.
+    assert metrics.threshold_for_sensitivity(Y, P, 0.75) == pytest.approx(0.45)
+    assert metrics.threshold_for_sensitivity([0, 0], [0.1, 0.2]) is None
+    with pytest.raises(ValueError, match="target"):
+        metrics.threshold_for_sensitivity(Y, P, 0.0)
+
+
+def test_operating_point_counts_and_intervals() -> None:
+    op = metrics.operating_point("frozen", Y, P, 0.5)
+    assert (op["tp"], op["fn"], op["tn"], op["fp"]) == (3, 1, 4, 2)
+    assert op["sensitivity"] == pytest.approx(0.75) and op["specificity"] == pytest.approx(4 / 6)
+    assert op["sensitivity_ci95"] == pytest.approx(metrics.proportion_ci(3, 4))
+    json.dumps(op)
+
+
+def test_per_grade_adds_up_to_the_confusion_matrix() -> None:
+    grades = [0, 0, 1, 0, 1, 1, 2, 4, 3, 2]  # Y: grades >= 2 are the RDR cases
+    rows = metrics.per_grade(grades, P, 0.5)
+    assert [r["grade"] for r in rows] == [0, 1, 2, 3, 4]
+    assert sum(r["n"] for r in rows) == len(Y)
+    (tn, fp), (fn, tp) = binary_metrics(Y, P, 0.5)["confusion_matrix"]
+    assert sum(r["called_rdr"] for r in rows if r["referable"]) == tp
+    assert sum(r["called_rdr"] for r in rows if not r["referable"]) == fp
+    assert {r["grade"]: r["called_rdr"] for r in rows} == {0: 0, 1: 2, 2: 1, 3: 1, 4: 1}
+    assert metrics.per_grade([-1, 2], [0.9, 0.9], 0.5)[0]["grade"] == 2  # ungraded left out
+
+
+def test_calibration_hand_computed_and_sklearn() -> None:
+    # Bins of width 0.1: [0.1, 0.1, 0.9, 0.9] -> rates 0.5 (mean p 0.1) and 1.0 (mean p 0.9).
+    y, p = [0, 1, 1, 1], [0.1, 0.1, 0.9, 0.9]
+    cal = metrics.calibration(y, p)
+    assert cal["ece"] == pytest.approx((2 * 0.4 + 2 * 0.1) / 4)
+    assert cal["brier"] == pytest.approx((0.01 + 0.81 + 0.01 + 0.01) / 4)
+    assert cal["brier_reference"] == pytest.approx(0.75 * 0.25)
+    assert [b["n"] for b in cal["bins"]] == [2, 2]
+    # Calibrated by construction: outcomes drawn with probability p, many cases -> ECE small.
+    rng = np.random.default_rng(0)
+    q = rng.random(20000)
+    assert metrics.calibration((rng.random(20000) < q).astype(int), q)["ece"] < 0.02
+    # Outcomes certain on each side of 0.5 while P(RDR) hedges: badly calibrated, ECE ~ 0.25.
+    assert metrics.calibration((q > 0.5).astype(int), q)["ece"] > 0.2
+
+
+def test_plot_reliability(tmp_path: Path) -> None:
+    y, p = _scores(120, 1)
+    metrics.plot_reliability(y, p, tmp_path / "rel.png")
+    _check_png(tmp_path / "rel.png")
 
 
 # --- plots ----------------------------------------------------------------------------------
