@@ -291,6 +291,8 @@ def train_dataset(
     cache: bool = True,
     image_size: int | None = None,
     meta: dict | None = None,
+    steps_per_epoch: int = 0,
+    initial_epoch: int = 0,
 ) -> tuple[tf.data.Dataset, int]:
     """Infinite (repeat) dataset of (float32 images 0..255 [B,S,S,3], int32 labels [B]) and steps_per_epoch.
 
@@ -298,10 +300,19 @@ def train_dataset(
     at read time); an epoch is then ceil(2 * majority / batch_size) steps, i.e. the majority
     class seen once, as if the minority had been duplicated on disk. Without balancing an epoch
     is ceil(n / batch_size). The same ``seed`` gives the same sequence of batches.
+
+    ``steps_per_epoch`` (0: the pass above) and ``initial_epoch`` mean what they mean to Keras'
+    ``fit``, which must get the same values: the first batch is the one at global step
+    ``initial_epoch * steps_per_epoch``, so a resumed run sees exactly the batches (images,
+    classes, augmentation) an uninterrupted run would see from there on. The augmentation seed
+    is the global step, and the consumed elements are skipped before batching and augmentation:
+    only references pass when the decoded images are cached; without the cache they are decoded.
     """
     augment_params(augment_level)  # validate before any IO
     if batch_size < 1:
         raise InputError(f"batch size {batch_size}: must be >= 1")
+    if steps_per_epoch < 0 or initial_epoch < 0:
+        raise InputError(f"steps per epoch {steps_per_epoch}, initial epoch {initial_epoch}: must be >= 0")
     data_dir = Path(data_dir)
     entry, size, files = _split_meta(data_dir, "train", meta)
     parsed = _records(files).map(_parse, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
@@ -324,10 +335,17 @@ def train_dataset(
         ds, buffer = _decoded(parsed, size, image_size, entry["n"], cache, f"{data_dir}:train")
         ds = ds.shuffle(buffer, seed=seed + 1).repeat()
         steps = math.ceil(entry["n"] / batch_size)
-    ds = ds.batch(batch_size, drop_remainder=True).enumerate()
+    steps = steps_per_epoch or steps
+    initial_step = initial_epoch * steps
+    if initial_step:
+        # The shuffles and the class sampling are one seeded stream over the whole run, so a
+        # resumed run continues it by position rather than re-seeding it.
+        ds = ds.skip(initial_step * batch_size)
+    ds = ds.batch(batch_size, drop_remainder=True).enumerate(start=initial_step)
 
     def aug(step: tf.Tensor, batch: tuple[tf.Tensor, tf.Tensor]) -> tuple[tf.Tensor, tf.Tensor]:
-        # The batch index makes each batch's stateless seed distinct yet repeatable.
+        # The global step makes each batch's stateless seed distinct yet repeatable, and the
+        # same in a resumed run as in an uninterrupted one.
         images, labels = batch
         return augment(images, augment_level, tf.stack([tf.constant(seed, tf.int64), step])), labels
 

@@ -214,6 +214,24 @@ def test_augmentation_seed_differs_per_batch_and_per_run_seed(tmp_path: Path) ->
     assert all(not np.array_equal(a[i], b[i]) for i in range(3))
 
 
+@pytest.mark.parametrize("balance", [True, False])
+def test_resumed_training_data_continues_the_uninterrupted_stream(imbalanced: Path, balance: bool) -> None:
+    # A resumed run must see the batches an uninterrupted one sees at the same epochs: the same
+    # images in the same order (shuffle and class sampling continue) and the same augmentation.
+    def stream(initial_epoch: int, n: int) -> list[np.ndarray]:
+        ds, steps = data.train_dataset(imbalanced, 4, augment_level="base", seed=5, balance=balance,
+                                       steps_per_epoch=3, initial_epoch=initial_epoch)
+        assert steps == 3
+        return [np.concatenate([x.numpy().ravel(), y.numpy()]) for x, y in ds.take(n)]
+
+    whole = stream(0, 7 * 3)
+    resumed = stream(5, 2 * 3)
+    assert len(resumed) == 6
+    for a, b in zip(whole[15:], resumed):
+        np.testing.assert_array_equal(a, b)
+    assert not np.array_equal(whole[0], resumed[0])
+
+
 def test_training_resizes_and_works_without_cache(prepared: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     ds, _ = data.train_dataset(prepared, 4, augment_level="strong", image_size=32)
     x, _ = next(iter(ds))
