@@ -40,9 +40,16 @@ def cmd_prepare(args: argparse.Namespace) -> int:
     from drtune.prepare import PrepareOptions, prepare, resolve_source
 
     source = resolve_source(args.src, args.images, args.labels, args.test_images, args.test_labels)
-    opts = PrepareOptions(size=args.size, val_fraction=args.val_fraction, rdr_grade=args.rdr_grade,
+    size, normalize = args.size, args.normalize
+    if args.config:
+        from drtune.config import load_config
+
+        # The study says how its data must be prepared; explicit flags still win.
+        data = load_config(args.config).data
+        size, normalize = size or data.prepare_size, normalize or data.normalize
+    opts = PrepareOptions(size=size or 256, val_fraction=args.val_fraction, rdr_grade=args.rdr_grade,
                           group_pattern=args.group_pattern, seed=args.seed, workers=args.workers,
-                          on_error=args.on_error, normalize=args.normalize,
+                          on_error=args.on_error, normalize=normalize or "none",
                           jpeg_quality=args.jpeg_quality, overwrite=args.overwrite)
     prepare(source, args.out, opts)
     return 0
@@ -234,7 +241,10 @@ def _add_prepare(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--labels", type=Path, help="CSV with 'Image name,Retinopathy grade' columns")
     p.add_argument("--test-images", type=Path, help="folder of test photographs")
     p.add_argument("--test-labels", type=Path, help="CSV of the test photographs")
-    p.add_argument("--size", type=int, default=256, help="output side in pixels (default 256)")
+    p.add_argument("--config", help="study file or built-in study name: prepare the way it expects "
+                                    "(its data.prepare_size and data.normalize; explicit flags win)")
+    p.add_argument("--size", type=int, default=None,
+                   help="output side in pixels (default: the study's data.prepare_size, else 256)")
     p.add_argument("--val-fraction", type=float, default=0.2,
                    help="share of training images held out for validation (default 0.2)")
     p.add_argument("--rdr-grade", type=int, default=2,
@@ -246,8 +256,9 @@ def _add_prepare(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--on-error", choices=("fail", "skip"), default="fail",
                    help="on bad input: report all problems and write nothing (fail, default), "
                         "or leave bad items out and list them in meta.json (skip)")
-    p.add_argument("--normalize", choices=("none", "graham"), default="none",
-                   help="optional colour normalisation (graham: local-average subtraction)")
+    p.add_argument("--normalize", choices=("none", "graham"), default=None,
+                   help="optional colour normalisation (graham: local-average subtraction; "
+                        "default: the study's data.normalize, else none)")
     p.add_argument("--jpeg-quality", type=int, default=95, help="JPEG quality of crops (default 95)")
     p.add_argument("--overwrite", action="store_true",
                    help="replace an existing output of 'drtune prepare' (a folder with meta.json)")

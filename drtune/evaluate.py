@@ -39,6 +39,16 @@ def load_run(run_dir: Path | str) -> tuple[Any, dict[str, Any], dict[str, Any]]:
     return model, json.loads((run / "data.json").read_text()), json.loads((run / "metrics.json").read_text())
 
 
+def predictor(model: Any, run_dir: Path | str) -> Any:
+    """The run's model as evaluate, predict and gradcam apply it: with the test-time
+    augmentation of its config (``train.tta``), the same views its threshold was frozen with."""
+    from drtune.tta import tta_model
+
+    path = Path(run_dir) / "config.json"
+    tta = json.loads(path.read_text()).get("train", {}).get("tta", "none") if path.is_file() else "none"
+    return tta_model(model, tta)
+
+
 # The `prepare` options a model is tied to: (key, flag, value an older meta.json/data.json
 # without the key implies). Pixels alone do not show these differences: a model evaluated on a
 # Graham-normalised copy, or on labels cut at another grade, gives wrong metrics without error.
@@ -82,7 +92,7 @@ def evaluate_run(run_dir: Path | str, data_dir: Path | str | None = None, split:
     y = data.split_labels(data_dir, split, meta)
     names = data.split_names(data_dir, split, meta)
     grades = data.split_grades(data_dir, split, meta)  # per-grade sensitivity in the model card
-    p_rdr = model.predict(ds, verbose=0)[:, 1]
+    p_rdr = predictor(model, run).predict(ds, verbose=0)[:, 1]
     threshold = float(run_metrics["threshold"])
     result = metrics.report(y, p_rdr, threshold, n_boot=n_boot)
     result.update(split=split, data_dir=str(data_dir), run=str(run))
@@ -158,7 +168,7 @@ def predict_files(run_dir: Path | str, images: Sequence[Path | str],
     threshold = float(run_metrics["threshold"])
     batch, errors = model_inputs(images, info)
     ok = [i for i, e in enumerate(errors) if e is None]
-    probs = model.predict(batch[ok], verbose=0)[:, 1] if ok else np.zeros(0)
+    probs = predictor(model, run_dir).predict(batch[ok], verbose=0)[:, 1] if ok else np.zeros(0)
     p_of = dict(zip(ok, probs))
     rows = []
     for i, path in enumerate(images):

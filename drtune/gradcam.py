@@ -278,7 +278,7 @@ def _split_batch(model: Any, info: dict[str, Any], run_dir: Path, data_dir: Path
                  threshold: float) -> tuple[np.ndarray, list[str], list[int], int]:
     """(images, names, labels) of the ``n`` gallery images of a prepared split, and its size."""
     from drtune import data
-    from drtune.evaluate import check_data_matches_run
+    from drtune.evaluate import check_data_matches_run, predictor
     from drtune.prepare import load_meta
 
     if split not in ("train", "val", "test"):
@@ -288,7 +288,7 @@ def _split_batch(model: Any, info: dict[str, Any], run_dir: Path, data_dir: Path
     size = info["input_size"] if info["input_size"] != info["size"] else None
     ds = data.eval_dataset(data_dir, split, 32, cache=False, image_size=size, meta=meta)
     y = data.split_labels(data_dir, split, meta)
-    pick = _choose(y, model.predict(ds, verbose=0)[:, RDR], threshold, n)
+    pick = _choose(y, predictor(model, run_dir).predict(ds, verbose=0)[:, RDR], threshold, n)
     slot, seen = {j: k for k, j in enumerate(pick)}, 0
     batch = np.zeros((len(pick),) + tuple(model.input_shape[1:]), np.float32)
     for b, _ in ds:  # a second pass keeps only the chosen images in memory
@@ -312,7 +312,7 @@ def run_gradcam(run_dir: Path | str, out_dir: Path | str, data_dir: Path | str |
     outlines and the ``pointing_score`` (on the synth split ``split`` came from: test for test
     and raw photos, train for train/val) to the gallery and the summary, which is returned.
     """
-    from drtune.evaluate import load_run, model_inputs
+    from drtune.evaluate import load_run, model_inputs, predictor
     from drtune.synth import SYNTH_LAYOUT, mask_path
     from drtune.train import write_json
 
@@ -341,6 +341,11 @@ def run_gradcam(run_dir: Path | str, out_dir: Path | str, data_dir: Path | str |
         raise InputError(f"--masks {masks}: not a 'drtune synth' folder (no {SYNTH_LAYOUT[synth_split][1]})")
     ok = [i for i, e in enumerate(errors) if e is None]
     maps, p_ok = _cams(model, batch[ok], RDR, layer, 16)
+    averaged = predictor(model, run_dir)
+    if ok and averaged is not model:
+        # The heatmap explains the plain view; P(RDR) and the decision are the run's own, with
+        # its test-time augmentation, so they match evaluate and predict.
+        p_ok = averaged.predict(batch[ok], verbose=0)[:, RDR]
     heat, p = dict(zip(ok, maps)), dict(zip(ok, p_ok))
     rows: list[dict[str, Any]] = []
     for i, name in enumerate(names):

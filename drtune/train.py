@@ -26,6 +26,7 @@ from drtune import data, metrics
 from drtune.config import Config
 from drtune.errors import DrtuneError, InputError
 from drtune.model import build_model, compile_model
+from drtune.tta import tta_model
 from drtune.prepare import load_meta
 
 MONITOR = "val_balanced_accuracy"  # what checkpoints, early stopping and pruning follow
@@ -196,6 +197,7 @@ def train_and_evaluate(
     """
     data_dir = resolve_data_dir(cfg, data_dir).resolve()
     meta = load_meta(data_dir)
+    config_lib.check_prepared(cfg, meta, data_dir)
     cfg = config_lib.replace(cfg, **{"data.dir": str(data_dir)})
     workdir = Path(workdir)
     cfg_dict = config_lib.to_dict(cfg)
@@ -239,7 +241,7 @@ def train_and_evaluate(
             logging.info("warm start from %s", init_model)
         else:
             model = build_model(cfg.model, input_size)
-        compile_model(model, cfg.train.lr)
+        compile_model(model, cfg.train.lr, cfg.train, steps)
     _, best_value = _best(history)
 
     epoch_log = EpochLog(cfg.train.epochs)
@@ -279,7 +281,8 @@ def _finish(cfg: Config, workdir: Path, data_dir: Path, meta: dict[str, Any], va
             epoch_seconds: list[float]) -> dict[str, Any]:
     """Freeze the threshold on validation, write metrics.json and the learning-curve plot."""
     best_model = keras.models.load_model(workdir / "model.keras")
-    p_val = best_model.predict(val_ds, verbose=0)[:, 1]
+    # The threshold is frozen on the predictions evaluate/predict will make: with the TTA views.
+    p_val = tta_model(best_model, cfg.train.tta).predict(val_ds, verbose=0)[:, 1]
     threshold = metrics.choose_threshold(y_val, p_val, cfg.train.threshold)
     best_epoch, best_value = _best(history)
     aucs = [float(r.get("val_auc") or "nan") for r in history]

@@ -46,3 +46,50 @@ def test_tta_none_is_the_model_itself(model_and_images) -> None:
 def test_unknown_tta_mode_is_refused() -> None:
     with pytest.raises(ValueError, match="tta 'spin'"):
         tta.views("spin")
+
+
+@pytest.fixture(scope="module")
+def tta_run(prepared, tmp_path_factory: pytest.TempPathFactory):
+    """A tiny run whose config asks for flip TTA (same recipe as conftest's ``run``)."""
+    from drtune.config import load_config
+    from drtune.train import train_and_evaluate
+
+    out = tmp_path_factory.mktemp("runs") / "tta-run"
+    cfg = load_config(None, ["model.width=4", "data.image_size=48", "train.batch_size=4",
+                             "train.steps_per_epoch=4", "train.epochs=2", "train.tta=flips"])
+    train_and_evaluate(cfg, prepared, out)
+    return out
+
+
+def test_evaluate_predict_and_gradcam_share_the_tta(tta_run, prepared, synth_root, tmp_path) -> None:
+    """The run's TTA is applied by evaluate, predict and gradcam alike: same P(RDR) everywhere,
+    and it is the mean of the plain model over the four flip views."""
+    import csv
+
+    import keras
+
+    from drtune import data, gradcam
+    from drtune.evaluate import evaluate_run, predict_files
+
+    evaluate_run(tta_run, split="test", n_boot=10)
+    with (tta_run / "eval-test" / "predictions.csv").open() as f:
+        evaluated = {r["name"]: float(r["p_rdr"]) for r in csv.DictReader(f)}
+    plain = keras.models.load_model(tta_run / "model.keras")
+    images = np.concatenate([x.numpy() for x, _ in data.eval_dataset(prepared, "test", 8, image_size=48)])
+    names = data.split_names(prepared, "test")
+    by_hand = _by_hand(plain, images, "flips")[:, 1]
+    for name, p in zip(names, by_hand):
+        assert evaluated[name] == pytest.approx(float(p), abs=1e-5)
+
+    photos = sorted((synth_root / "1. Original Images" / "b. Testing Set").glob("*.jpg"))[:3]
+    for row in predict_files(tta_run, photos):
+        assert row["p_rdr"] == pytest.approx(evaluated[row["name"]], abs=1e-4)
+
+    summary = gradcam.run_gradcam(tta_run, tmp_path / "gallery", split="test", n=4)
+    shown = [r for r in summary["images"] if r["p_rdr"] is not None]
+    assert shown
+    for r in shown:
+        assert r["p_rdr"] == pytest.approx(evaluated[r["name"]], abs=1e-5)
+    # The plain model's threshold differs from the TTA one: metrics.json froze it on TTA views.
+    plain_p = plain.predict(images, verbose=0)[:, 1]
+    assert not np.allclose(plain_p, by_hand, atol=1e-6)
