@@ -9,10 +9,14 @@ imports Optuna: the search passes its pruning callback in through ``callbacks``.
 from __future__ import annotations
 
 import csv
+import errno
+import functools
 import json
 import math
 import os
+import socket
 import time
+import uuid
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -33,15 +37,95 @@ MONITOR = "val_balanced_accuracy"  # what checkpoints, early stopping and prunin
 LAST = "last.keras"  # the resume point, rewritten every epoch
 
 
+OWNER = "owner.json"  # in checkpoints/: the token of the one process allowed to write the run
+
+
 class TrainingDiverged(DrtuneError):
     """The loss became NaN or infinite."""
 
 
+class RunOwnershipLost(DrtuneError):
+    """Another process claimed the run directory (a retried trial, a second ``train --out``).
+
+    Raised at the first write after the claim; this process has written nothing since. The new
+    owner resumes from the last finished epoch, so the caller should just stop.
+    """
+
+
+def _tmp_name(path: Path) -> Path:
+    """A temporary sibling of ``path`` unique to this process, with the same suffix (Keras
+    requires ``.keras``): two processes saving the same file never write the same temp file."""
+    return path.with_name(f".{path.stem}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp{path.suffix}")
+
+
 def write_json(path: Path, obj: Any) -> None:
     """Write JSON atomically (temporary file + rename) so readers never see half a file."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2, default=float) + "\n")
-    os.replace(tmp, path)
+    tmp = _tmp_name(path)
+    try:
+        tmp.write_text(json.dumps(obj, indent=2, default=float) + "\n")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+class RunOwner(keras.callbacks.Callback):
+    """One writer per run directory: a token in ``checkpoints/owner.json``, the later claimant wins.
+
+    A worker paused past the search's grace period (SIGSTOP, a suspended laptop) comes back
+    while another worker is resuming its trial; without this both would append to the same
+    history and overwrite each other's checkpoints. Every write of the run goes through
+    :meth:`save` or :meth:`check`, and the check is the first thing each epoch end does (this
+    callback comes first), so a process that lost the directory stops before writing anything.
+    A file lock would not do: run directories live on shared filesystems, and a stopped process
+    holds its lock forever.
+    """
+
+    def __init__(self, workdir: Path) -> None:
+        super().__init__()
+        self.workdir = workdir
+        self.path = workdir / "checkpoints" / OWNER
+        self.token = uuid.uuid4().hex
+
+    def claim(self) -> None:
+        """Take the run directory over (atomically) and remove temp files of earlier owners."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        write_json(self.path, {"token": self.token, "host": socket.gethostname(), "pid": os.getpid(),
+                               "claimed": time.time()})
+        for folder in (self.workdir, self.path.parent):
+            for tmp in folder.glob(".*.tmp*"):
+                # Left by a killed or stale owner: a stale one checks the token before
+                # renaming, so removing its file cannot break a rename that is still allowed.
+                if tmp.is_file():
+                    tmp.unlink(missing_ok=True)
+
+    def check(self) -> None:
+        """Raise :class:`RunOwnershipLost` unless the run directory is still ours."""
+        try:
+            owner = json.loads(self.path.read_text())
+        except (OSError, ValueError):
+            owner = {}
+        if owner.get("token") != self.token:
+            who = f" ({owner.get('pid')}@{owner.get('host')})" if owner else ""
+            raise RunOwnershipLost(f"{self.workdir}: another process{who} took over this run "
+                                   "directory; this one stops without writing to it")
+
+    def save(self, model: keras.Model, path: Path) -> None:
+        """Save ``model`` to ``path`` atomically, if the run is still ours.
+
+        Written to a temp file and renamed, so a full disk or a kill leaves the previous good
+        file in place, never a truncated one; the token is checked again just before the rename
+        because a save takes long enough to be paused in.
+        """
+        tmp = _tmp_name(path)
+        try:
+            model.save(tmp)
+            self.check()
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
+
+    def on_epoch_end(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
+        self.check()
 
 
 class ValidationMetrics(keras.callbacks.Callback):
@@ -97,26 +181,73 @@ class EpochLog(keras.callbacks.Callback):
                      logs.get("val_auc", math.nan), self.seconds[-1])
 
 
+class BestModel(keras.callbacks.Callback):
+    """``model.keras``: the model of the best epoch by :data:`MONITOR`, replaced atomically.
+
+    Keras' ``ModelCheckpoint`` writes the file in place, so a full disk or a kill mid-save left a
+    truncated model where the good one was; this saves through :meth:`RunOwner.save` instead.
+    """
+
+    def __init__(self, path: Path, owner: RunOwner, best: float = -math.inf) -> None:
+        super().__init__()
+        self.path, self.owner, self.best = path, owner, best
+
+    def on_epoch_end(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
+        current = (logs or {}).get(MONITOR)
+        if current is not None and current > self.best:  # NaN never improves
+            self.owner.save(self.model, self.path)
+            self.best = float(current)
+
+
+class ResumableEarlyStopping(keras.callbacks.EarlyStopping):
+    """Keras' early stopping on :data:`MONITOR` whose patience survives a resume.
+
+    Keras resets ``wait`` and ``best`` in ``on_train_begin``; a resumed run restores them from
+    the checkpoint state, so it stops at the epoch the uninterrupted run would have stopped at.
+    """
+
+    def __init__(self, patience: int, state: dict[str, Any] | None = None) -> None:
+        super().__init__(monitor=MONITOR, mode="max", patience=patience)
+        self.resume_state = state or {}
+
+    def on_train_begin(self, logs: dict[str, Any] | None = None) -> None:
+        super().on_train_begin(logs)
+        if self.resume_state:
+            self.wait = int(self.resume_state["wait"])
+            self.best = self.resume_state["best"]
+
+    def state(self) -> dict[str, Any]:
+        """What :class:`Checkpoints` stores to restore this callback."""
+        return {"wait": self.wait, "best": None if self.best is None else float(self.best)}
+
+
 class Checkpoints(keras.callbacks.Callback):
     """``checkpoints/epoch-NNNN.keras`` every ``every`` epochs, and ``last.keras`` + state each epoch.
 
     ``last.keras`` holds the optimizer state, so a killed run restarts exactly where its last
     finished epoch left it (what ``BackupAndRestore`` does, but with the epoch number in a file we
-    can read to trim ``history.csv`` before appending to it).
+    can read to trim ``history.csv`` before appending to it). Writing ``state.json`` commits the
+    epoch, so this callback must come last: a kill before it re-runs the whole epoch end on
+    resume (every other callback, the search's pruning report included), a kill after it has
+    nothing left to lose.
     """
 
-    def __init__(self, workdir: Path, every: int) -> None:
+    def __init__(self, workdir: Path, every: int, owner: RunOwner,
+                 early_stopping: ResumableEarlyStopping | None = None) -> None:
         super().__init__()
-        self.workdir, self.every = workdir, every
+        self.workdir, self.every, self.owner = workdir, every, owner
+        self.early_stopping = early_stopping
 
     def on_epoch_end(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
         ckpt = self.workdir / "checkpoints"
         if (epoch + 1) % self.every == 0:
-            self.model.save(ckpt / f"epoch-{epoch + 1:04d}.keras")
-        tmp = ckpt / f".{LAST}.tmp.keras"
-        self.model.save(tmp)
-        os.replace(tmp, ckpt / LAST)
-        write_json(ckpt / "state.json", {"epochs_done": epoch + 1})
+            self.owner.save(self.model, ckpt / f"epoch-{epoch + 1:04d}.keras")
+        self.owner.save(self.model, ckpt / LAST)
+        state: dict[str, Any] = {"epochs_done": epoch + 1}
+        if self.early_stopping is not None:
+            state["early_stopping"] = self.early_stopping.state()
+        self.owner.check()
+        write_json(ckpt / "state.json", state)
 
 
 def read_history(path: Path) -> list[dict[str, str]]:
@@ -128,8 +259,10 @@ def read_history(path: Path) -> list[dict[str, str]]:
 
 
 def _trim_history(path: Path, epochs_done: int) -> list[dict[str, str]]:
-    """Keep only rows of finished epochs (a kill can land between the checkpoint and the CSV)."""
-    rows = [r for r in read_history(path) if int(r["epoch"]) < epochs_done]
+    """Keep only rows of finished epochs (a kill can land between the CSV and the checkpoint)."""
+    # A row cut short by a full disk or a kill has no parsable epoch: it is not a finished one.
+    rows = [r for r in read_history(path)
+            if (r.get("epoch") or "").isdigit() and int(r["epoch"]) < epochs_done]
     if path.is_file():
         with path.open("w", newline="") as f:
             if rows:
@@ -183,6 +316,38 @@ def resolve_data_dir(cfg: Config, data_dir: Path | str | None) -> Path:
     return Path(chosen)
 
 
+def _errors_as_messages(train: Any) -> Any:
+    """Turn what a full disk or a damaged shard raises into one-line errors that say what to do.
+
+    (A decorator, so that the training code keeps its shape.) Nothing else is caught: the
+    search's ``TrialPruned`` and :class:`RunOwnershipLost` pass through unchanged.
+    """
+    @functools.wraps(train)
+    def wrapper(cfg: Config, data_dir: Path | str | None, workdir: Path | str, *args: Any,
+                **kwargs: Any) -> dict[str, Any]:
+        full = (f"{workdir}: no space left on the device; free some space (or use another "
+                "output directory), then run the same command again: it resumes from the last "
+                "finished epoch")
+        try:
+            return train(cfg, data_dir, workdir, *args, **kwargs)
+        except OSError as exc:
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT) or "No space left" in str(exc):
+                raise DrtuneError(full) from exc
+            raise
+        except tf.errors.ResourceExhaustedError as exc:  # TensorFlow's writers (TensorBoard)
+            if "No space left" in str(exc):
+                raise DrtuneError(full) from exc
+            raise
+        except tf.errors.DataLossError as exc:
+            where = data_dir or cfg.data.dir
+            detail = str(exc.message).strip().splitlines()[0][:160]
+            raise InputError(f"{where}: a TFRecord shard is damaged or truncated ({detail}); run "
+                             "`drtune prepare` again to rewrite this data directory") from exc
+
+    return wrapper
+
+
+@_errors_as_messages
 def train_and_evaluate(
     cfg: Config,
     data_dir: Path | str | None,
@@ -207,6 +372,8 @@ def train_and_evaluate(
         return json.loads((workdir / "metrics.json").read_text())
     workdir.mkdir(parents=True, exist_ok=True)
     _check_workdir(cfg_dict, workdir)
+    owner = RunOwner(workdir)
+    owner.claim()
     write_json(workdir / "config.json", cfg_dict)
     input_size = cfg.data.image_size or int(meta["size"])
     write_json(workdir / "data.json", {
@@ -214,13 +381,17 @@ def train_and_evaluate(
         "normalize": meta.get("normalize", "none"), "jpeg_quality": meta.get("jpeg_quality", 95),
         "rdr_grade": meta.get("rdr_grade", 2)})
     (workdir / "checkpoints").mkdir(exist_ok=True)
+    state_path = workdir / "checkpoints" / "state.json"
+    state = json.loads(state_path.read_text()) if state_path.is_file() else {}
+    epochs_done = int(state.get("epochs_done", 0))
 
     keras.utils.set_random_seed(cfg.train.seed)
     image_size = cfg.data.image_size or None
     train_ds, steps = data.train_dataset(data_dir, cfg.train.batch_size, cfg.data.augment, cfg.train.seed,
                                          balance=cfg.data.balance, cache=cfg.data.cache,
-                                         image_size=image_size, meta=meta)
-    steps = cfg.train.steps_per_epoch or steps
+                                         image_size=image_size, meta=meta,
+                                         steps_per_epoch=cfg.train.steps_per_epoch,
+                                         initial_epoch=min(epochs_done, cfg.train.epochs))
     val_ds = data.eval_dataset(data_dir, "val", cfg.train.eval_batch_size, cache=cfg.data.cache,
                                image_size=image_size, meta=meta)
     y_val = data.split_labels(data_dir, "val", meta)
@@ -229,8 +400,6 @@ def train_and_evaluate(
                         "on it say nothing, and the best model and threshold are arbitrary",
                         data_dir, ("NRDR", "RDR")[int(y_val[0])])
 
-    state_path = workdir / "checkpoints" / "state.json"
-    epochs_done = json.loads(state_path.read_text())["epochs_done"] if state_path.is_file() else 0
     history = _trim_history(workdir / "history.csv", epochs_done)
     if epochs_done:
         logging.info("%s: resuming after epoch %d", workdir, epochs_done)
@@ -245,20 +414,10 @@ def train_and_evaluate(
     _, best_value = _best(history)
 
     epoch_log = EpochLog(cfg.train.epochs)
-    cbs: list[keras.callbacks.Callback] = [
-        ValidationMetrics(val_ds, y_val, workdir / "tensorboard" / "validation"),
-        keras.callbacks.TerminateOnNaN(),
-        keras.callbacks.ModelCheckpoint(workdir / "model.keras", monitor=MONITOR, mode="max",
-                                        save_best_only=True,
-                                        initial_value_threshold=best_value if history else None),
-        Checkpoints(workdir, cfg.train.checkpoint_every),
-        keras.callbacks.CSVLogger(str(workdir / "history.csv"), append=bool(history)),
-        keras.callbacks.TensorBoard(str(workdir / "tensorboard"), write_graph=False, profile_batch=0),
-        epoch_log,
-    ]
-    if cfg.train.patience:
-        cbs.append(keras.callbacks.EarlyStopping(monitor=MONITOR, mode="max", patience=cfg.train.patience))
-    cbs.extend(callbacks)
+    early_stopping = (ResumableEarlyStopping(cfg.train.patience, state.get("early_stopping"))
+                      if cfg.train.patience else None)
+    cbs = _callbacks(workdir, cfg, owner, val_ds, y_val, best_value, bool(history), epoch_log,
+                     early_stopping, callbacks)
 
     t0 = time.monotonic()
     logging.info("training %s: %d epochs x %d steps, batch %d, lr %g, %d parameters",
@@ -267,6 +426,7 @@ def train_and_evaluate(
         model.fit(train_ds, epochs=cfg.train.epochs, initial_epoch=epochs_done, steps_per_epoch=steps,
                   callbacks=cbs, verbose=0, shuffle=False)
     seconds = time.monotonic() - t0
+    owner.check()  # a run taken over after its last epoch must not write metrics.json either
     history = read_history(workdir / "history.csv")
     losses = [float(r["loss"]) for r in history]
     if not history or not all(math.isfinite(v) for v in losses):
@@ -274,6 +434,34 @@ def train_and_evaluate(
             f"{workdir}: training diverged (loss {losses[-1] if losses else 'nan'} at epoch {len(history)}) "
             f"with train.lr={cfg.train.lr:g}; try a smaller learning rate")
     return _finish(cfg, workdir, data_dir, meta, val_ds, y_val, history, seconds, epoch_log.seconds)
+
+
+def _callbacks(workdir: Path, cfg: Config, owner: RunOwner, val_ds: tf.data.Dataset, y_val: np.ndarray,
+               best_value: float, resumed: bool, epoch_log: EpochLog,
+               early_stopping: ResumableEarlyStopping | None,
+               user: Sequence[keras.callbacks.Callback]) -> list[keras.callbacks.Callback]:
+    """The callbacks of ``fit``, in the order their ``on_epoch_end`` must run.
+
+    The owner check first (nothing is written by a process that lost the run), the validation
+    metrics next (everything after reads them), the caller's callbacks (the search's pruning
+    report) after every other writer and before :class:`Checkpoints`, which commits the epoch:
+    a kill or an exception anywhere before the commit re-runs the whole epoch on resume, so no
+    reported value is lost and ``history.csv`` is trimmed back to the committed epochs.
+    """
+    cbs: list[keras.callbacks.Callback] = [
+        owner,
+        ValidationMetrics(val_ds, y_val, workdir / "tensorboard" / "validation"),
+        keras.callbacks.TerminateOnNaN(),
+        BestModel(workdir / "model.keras", owner, best_value),
+        keras.callbacks.CSVLogger(str(workdir / "history.csv"), append=resumed),
+        keras.callbacks.TensorBoard(str(workdir / "tensorboard"), write_graph=False, profile_batch=0),
+        epoch_log,
+    ]
+    if early_stopping is not None:
+        cbs.append(early_stopping)
+    cbs.extend(user)
+    cbs.append(Checkpoints(workdir, cfg.train.checkpoint_every, owner, early_stopping))
+    return cbs
 
 
 def _finish(cfg: Config, workdir: Path, data_dir: Path, meta: dict[str, Any], val_ds: tf.data.Dataset,

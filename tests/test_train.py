@@ -3,20 +3,24 @@
 from __future__ import annotations
 
 import csv
+import errno
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+import keras
+import numpy as np
 import pytest
 
 from drtune.cli import main
 from drtune.config import load_config
 from drtune.errors import InputError
-from drtune.train import TrainingDiverged, train_and_evaluate
+from drtune.train import RunOwner, RunOwnershipLost, TrainingDiverged, train_and_evaluate
 
 TINY = ["model.width=4", "data.image_size=32", "train.batch_size=4", "train.steps_per_epoch=3",
         "train.eval_batch_size=16"]
@@ -29,6 +33,33 @@ def tiny(*extra: str):
 def history(run: Path) -> list[dict[str, str]]:
     with (run / "history.csv").open() as f:
         return list(csv.DictReader(f))
+
+
+def curves(run: Path) -> np.ndarray:
+    """Per-epoch training and validation losses of a run."""
+    return np.array([[float(r["loss"]), float(r["val_loss"])] for r in history(run)])
+
+
+def epochs_done(run: Path) -> int:
+    return json.loads((run / "checkpoints" / "state.json").read_text())["epochs_done"]
+
+
+class Interrupted(Exception):
+    pass
+
+
+class Reporter(keras.callbacks.Callback):
+    """Stands in for the search's pruning callback: records the epochs reported to it, and
+    dies at epoch ``die_at`` before reporting it (a kill between the epoch and its report)."""
+
+    def __init__(self, die_at: int = -1) -> None:
+        super().__init__()
+        self.die_at, self.seen = die_at, []
+
+    def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
+        if epoch == self.die_at:
+            raise Interrupted
+        self.seen.append(epoch)
 
 
 def test_run_directory_contents(prepared: Path, tmp_path: Path) -> None:
@@ -83,7 +114,7 @@ def test_other_config_in_same_run_dir_is_refused(prepared: Path, tmp_path: Path)
         train_and_evaluate(tiny("train.epochs=1", "train.lr=0.1"), prepared, run)
 
 
-def test_resume_after_kill(prepared: Path, tmp_path: Path) -> None:
+def test_resume_after_kill_matches_an_uninterrupted_run(prepared: Path, tmp_path: Path) -> None:
     run = tmp_path / "run"
     cmd = [sys.executable, "-m", "drtune", "train", "--data", str(prepared), "--out", str(run)]
     for s in TINY + ["train.epochs=30", "train.checkpoint_every=1"]:
@@ -91,7 +122,7 @@ def test_resume_after_kill(prepared: Path, tmp_path: Path) -> None:
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     state = run / "checkpoints" / "state.json"
-    deadline = time.monotonic() + 120
+    deadline = time.monotonic() + 900  # a safety net on a busy machine, not a speed check
     while time.monotonic() < deadline and proc.poll() is None:
         if state.is_file() and json.loads(state.read_text())["epochs_done"] >= 2:
             break
@@ -102,12 +133,107 @@ def test_resume_after_kill(prepared: Path, tmp_path: Path) -> None:
     killed_at = json.loads(state.read_text())["epochs_done"]
     assert 2 <= killed_at < 30 and not (run / "metrics.json").exists()
     # Same command again: continues after the last finished epoch instead of starting over.
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert f"resuming after epoch {killed_at}" in proc.stderr
     epochs = [int(r["epoch"]) for r in history(run)]
     assert epochs == list(range(30))
     assert json.loads((run / "metrics.json").read_text())["epochs_run"] == 30
+    # Exact resume: the same batches, augmentation and optimizer state as a run never killed.
+    train_and_evaluate(tiny("train.epochs=30", "train.checkpoint_every=1"), prepared, tmp_path / "whole")
+    np.testing.assert_allclose(curves(run), curves(tmp_path / "whole"), rtol=1e-4)
+
+
+def test_interrupted_epoch_is_reported_again_and_early_stopping_keeps_its_patience(
+        prepared: Path, tmp_path: Path) -> None:
+    cfg = tiny("train.epochs=10", "train.patience=1")
+    whole = train_and_evaluate(cfg, prepared, tmp_path / "whole")
+    stop = whole["epochs_run"] - 1  # the epoch at which early stopping ended the run
+    assert 1 <= stop < 9, "this check needs a run that early stopping ends"
+    run = tmp_path / "run"
+    first = Reporter(die_at=stop)
+    with pytest.raises(Interrupted):
+        train_and_evaluate(cfg, prepared, run, callbacks=[first])
+    assert epochs_done(run) == stop  # the epoch its reporter never saw is not committed
+    second = Reporter()
+    result = train_and_evaluate(cfg, prepared, run, callbacks=[second])
+    assert first.seen + second.seen == list(range(whole["epochs_run"]))
+    assert result["epochs_run"] == whole["epochs_run"]  # patience carried over the resume
+    assert [int(r["epoch"]) for r in history(run)] == list(range(whole["epochs_run"]))
+    np.testing.assert_allclose(curves(run), curves(tmp_path / "whole"), rtol=1e-4)
+
+
+def test_a_run_taken_over_stops_without_writing(prepared: Path, tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    cfg = tiny("train.epochs=4", "train.checkpoint_every=1")
+    seen: dict[str, float] = {}
+
+    class TakeOver(keras.callbacks.Callback):
+        # Another worker claims the run while this one is mid-epoch (as after SIGSTOP).
+        def on_train_batch_end(self, batch: int, logs: dict | None = None) -> None:
+            if not seen and (run / "checkpoints" / "state.json").is_file() and epochs_done(run) == 1:
+                RunOwner(run).claim()
+                seen.update({p.name: p.stat().st_mtime_ns for p in run.rglob("*") if p.is_file()})
+
+    with pytest.raises(RunOwnershipLost, match=f"{run}: another process .* took over"):
+        train_and_evaluate(cfg, prepared, run, callbacks=[TakeOver()])
+    assert seen and epochs_done(run) == 1 and len(history(run)) == 1
+    after = {p.name: p.stat().st_mtime_ns for p in run.rglob("*") if p.is_file()}
+    changed = {k for k in after if after[k] != seen.get(k) and not k.startswith("events.out")}
+    assert not changed, changed
+    # The new owner resumes it; every epoch is recorded once.
+    assert train_and_evaluate(cfg, prepared, run)["epochs_run"] == 4
+    assert [int(r["epoch"]) for r in history(run)] == [0, 1, 2, 3]
+
+
+def test_disk_full_is_one_line_and_keeps_good_models(prepared: Path, tmp_path: Path,
+                                                     monkeypatch: pytest.MonkeyPatch, capsys) -> None:
+    run = tmp_path / "run"
+    argv = ["train", "--data", str(prepared), "--out", str(run)]
+    for s in TINY + ["train.epochs=3"]:
+        argv += ["--set", s]
+    save, calls = keras.Model.save, []
+
+    def full_disk(model: keras.Model, path: object, *args: object, **kwargs: object) -> None:
+        calls.append(path)
+        if len(calls) <= 2:  # epoch 1: model.keras and last.keras
+            return save(model, path, *args, **kwargs)
+        Path(str(path)).write_bytes(b"PK\x03\x04 cut short")  # what a full disk leaves behind
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+
+    monkeypatch.setattr(keras.Model, "save", full_disk)
+    assert main(argv) == 1
+    err = capsys.readouterr().err
+    assert f"drtune: error: {run}: no space left on the device" in err and "Traceback" not in err
+    assert "run the same command again" in err
+    for path in run.rglob("*.keras"):
+        keras.models.load_model(path)  # never a truncated model in place of a good one
+    assert not list(run.rglob(".*tmp*"))
+    monkeypatch.setattr(keras.Model, "save", save)
+    assert main(argv) == 0
+    assert [int(r["epoch"]) for r in history(run)] == [0, 1, 2]
+
+
+def test_truncated_shard_names_the_data_and_prepare(prepared: Path, tmp_path: Path, capsys) -> None:
+    data = tmp_path / "data"
+    shutil.copytree(prepared, data)
+    shard = data / json.loads((data / "meta.json").read_text())["splits"]["train"]["files"][0]
+    shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
+    argv = ["train", "--data", str(data), "--out", str(tmp_path / "run")]
+    for s in TINY + ["train.epochs=1"]:
+        argv += ["--set", s]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith(f"drtune: error: {data}: a TFRecord shard is damaged or truncated")
+    assert "drtune prepare" in err[-1]
+
+
+def test_bad_seed_writes_nothing(prepared: Path, tmp_path: Path, capsys) -> None:
+    for seed in ("-1", str(2**32)):
+        rc = main(["train", "--data", str(prepared), "--out", str(tmp_path / "run"), "--set", f"train.seed={seed}"])
+        assert rc == 2 and "train.seed" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+    del rc
 
 
 def test_divergence_is_a_clear_error(prepared: Path, tmp_path: Path) -> None:
