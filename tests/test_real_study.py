@@ -15,12 +15,12 @@ from drtune.errors import InputError
 
 def test_check_prepared_names_the_difference(tmp_path: Path) -> None:
     cfg = config_lib.load_config("real")
-    assert (cfg.data.prepare_size, cfg.data.normalize) == (384, "graham")
-    config_lib.check_prepared(cfg, {"size": 384, "normalize": "graham"}, tmp_path)  # matches
+    assert (cfg.data.prepare_size, cfg.data.normalize) == (256, "graham")
+    config_lib.check_prepared(cfg, {"size": 256, "normalize": "graham"}, tmp_path)  # matches
     with pytest.raises(InputError, match=r"prepared with --normalize none .* data.normalize = 'graham'"):
-        config_lib.check_prepared(cfg, {"size": 384, "normalize": "none"}, tmp_path)
-    with pytest.raises(InputError, match=r"prepared with --size 256 .* data.prepare_size = 384"):
-        config_lib.check_prepared(cfg, {"size": 256, "normalize": "graham"}, tmp_path)
+        config_lib.check_prepared(cfg, {"size": 256, "normalize": "none"}, tmp_path)
+    with pytest.raises(InputError, match=r"prepared with --size 384 .* data.prepare_size = 256"):
+        config_lib.check_prepared(cfg, {"size": 384, "normalize": "graham"}, tmp_path)
     # The defaults expect nothing in particular: any prepared data is accepted.
     config_lib.check_prepared(config_lib.load_config(None), {"size": 64, "normalize": "none"}, tmp_path)
 
@@ -28,7 +28,7 @@ def test_check_prepared_names_the_difference(tmp_path: Path) -> None:
 def test_prepare_with_the_study_and_explicit_flags_winning(synth_root: Path, tmp_path: Path) -> None:
     assert main(["prepare", str(synth_root), "--out", str(tmp_path / "a"), "--config", "real"]) == 0
     meta = json.loads((tmp_path / "a" / "meta.json").read_text())
-    assert (meta["size"], meta["normalize"]) == (384, "graham")
+    assert (meta["size"], meta["normalize"]) == (256, "graham")
     assert main(["prepare", str(synth_root), "--out", str(tmp_path / "b"), "--config", "real",
                  "--size", "64", "--normalize", "none"]) == 0
     meta = json.loads((tmp_path / "b" / "meta.json").read_text())
@@ -40,7 +40,7 @@ def test_training_the_study_on_other_data_is_refused(prepared: Path, tmp_path: P
     out = tmp_path / "run"
     assert main(["train", "--data", str(prepared), "--out", str(out), "--config", "real"]) == 2
     err = capsys.readouterr().err
-    assert "drtune: error:" in err and "data.prepare_size = 384" in err
+    assert "drtune: error:" in err and "data.prepare_size = 256" in err
     assert not (out / "config.json").exists()  # refused before anything was written
 
 
