@@ -30,11 +30,15 @@ from drtune.model import FEATURE_LAYER
 
 RDR = 1
 CLASS_NAMES = ("NRDR", "RDR")
-# Gallery sections in display order: key, heading, what it means.
-GROUPS = (("TP", "True positives", "RDR, called RDR"), ("FP", "False positives", "NRDR, called RDR"),
-          ("FN", "False negatives", "RDR, called NRDR"), ("TN", "True negatives", "NRDR, called NRDR"),
+# Gallery sections in display order, errors first (a missed RDR is what a screener fears most):
+# key, heading, what it means.
+GROUPS = (("FN", "False negatives", "RDR, called NRDR"), ("FP", "False positives", "NRDR, called RDR"),
+          ("TP", "True positives", "RDR, called RDR"), ("TN", "True negatives", "NRDR, called NRDR"),
           ("RDR?", "Called RDR", "no ground truth"), ("NRDR?", "Called NRDR", "no ground truth"),
           ("error", "Unreadable", "no prediction"))
+LABELLED, UNLABELLED = ("FN", "FP", "TP", "TN"), ("RDR?", "NRDR?")
+# PNG name prefixes: the group is readable in a flat artifact list, and names sort errors first.
+PREFIX = {"FN": "fn", "FP": "fp", "TP": "tp", "TN": "tn", "RDR?": "called-rdr", "NRDR?": "called-nrdr"}
 SELECTION = ("all errors first (false negatives, then false positives, most confident first), "
              "then true positives and true negatives alternately, most confident first")
 
@@ -205,37 +209,54 @@ def _group(label: int | None, decision: int) -> str:
     return ("TN", "FP", "FN", "TP")[2 * label + decision]
 
 
-def _choose(labels: np.ndarray, p: np.ndarray, threshold: float, n: int) -> list[int]:
-    """Indices of the ``n`` gallery images of a split (rule in ``SELECTION``)."""
+def _choose(labels: np.ndarray, p: np.ndarray, threshold: float,
+            n: int) -> tuple[list[int], dict[str, int]]:
+    """Indices of the ``n`` gallery images of a split (rule in ``SELECTION``), and the size of
+    each group in the whole split."""
     groups = {g: [] for g in ("FN", "FP", "TP", "TN")}
     for i in np.argsort(-p, kind="stable"):  # most confident RDR first
         groups[_group(int(labels[i]), int(p[i] >= threshold))].append(int(i))
     groups["FN"].reverse(), groups["TN"].reverse()  # confident NRDR calls have the lowest P
     rest = [i for pair in zip_longest(groups["TP"], groups["TN"]) for i in pair if i is not None]
-    return (groups["FN"] + groups["FP"] + rest)[:n]
+    return (groups["FN"] + groups["FP"] + rest)[:n], {g: len(v) for g, v in groups.items()}
 
 
 def _render(path: Path, image: np.ndarray, heat: np.ndarray, title: str,
             lesions: np.ndarray | None) -> None:
-    """Photo | Grad-CAM overlay (jet, 40%) side by side, lesion outlines when known."""
+    """Photo | Grad-CAM overlay (jet, 40%) side by side with a colour bar, lesion outlines when known."""
     from matplotlib import colormaps
+    from matplotlib.cm import ScalarMappable
+    from matplotlib.colors import Normalize
     from matplotlib.figure import Figure
 
     photo = np.clip(image, 0, 255) / 255.0
     overlay = np.clip(0.6 * photo + 0.4 * colormaps["jet"](heat)[..., :3], 0.0, 1.0)
-    fig = Figure(figsize=(7.2, 3.9), layout="constrained")
+    fig = Figure(figsize=(7.8, 3.9), layout="constrained")
     for k, (shown, label) in enumerate(((photo, "photograph"), (overlay, "Grad-CAM: evidence for RDR"))):
         ax = fig.add_subplot(1, 2, k + 1, title=label)
         ax.imshow(shown, interpolation="bilinear")
         ax.set_axis_off()
     if lesions is not None and lesions.any():
         ax.contour(lesions, levels=[0.5], colors="white", linewidths=0.6)
+    # The overlay is a blend, so the bar maps the heatmap's own colours; 1 is this image's maximum.
+    bar = fig.colorbar(ScalarMappable(Normalize(0.0, 1.0), colormaps["jet"]), ax=ax, shrink=0.8,
+                       ticks=[0.0, 0.5, 1.0])
+    bar.set_label("evidence for RDR (1 = this image's max)", fontsize=8)
+    bar.ax.tick_params(labelsize=8)
     fig.suptitle(title, fontsize=10)
     fig.savefig(path, dpi=100)
 
 
 def _slug(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("._") or "image"
+
+
+def _pointing_caption(row: dict[str, Any]) -> str:
+    """The image's own pointing-game result, when it took part (correctly called RDR, mask known)."""
+    if row.get("peak_on_lesion") is None:
+        return ""
+    return (f"; peak {'on' if row['peak_on_lesion'] else 'off'} a lesion, "
+            f"{row['lesion_energy']:.0%} of the map on lesions")
 
 
 def _write_index(out: Path, summary: dict[str, Any]) -> None:
@@ -250,12 +271,23 @@ def _write_index(out: Path, summary: dict[str, Any]) -> None:
         parts.append(f"<p>Shown: {summary['n']} of {summary['n_split']} images: "
                      f"{html.escape(summary['selection'])}.</p>")
     if summary.get("pointing"):
-        parts.append(f"<p>Pointing game: {html.escape(summary['pointing_text'])}.</p>")
+        parts.append(f'<p class="pointing"><b>Pointing game</b> (does the map peak on a known lesion?): '
+                     f"{html.escape(summary['pointing_text'])}.</p>")
+    in_split = summary.get("split_groups") or {}
     for key, heading, meaning in GROUPS:
         group = [r for r in rows if r["group"] == key]
-        if not group:
+        # Every group of the gallery's kind is shown, empty or not: "False negatives (0)" is an
+        # answer a clinician looks for, not a section to leave out.
+        if not group and key not in (LABELLED if summary.get("split") else UNLABELLED):
             continue
-        parts.append(f'<h2 id="{quote(key)}">{heading} ({len(group)}) <small>{meaning}</small></h2>')
+        total = in_split.get(key, len(group))
+        more = (f" <small>{len(group)} of {total} in the {html.escape(summary['split'])} split shown</small>"
+                if total > len(group) else "")
+        parts.append(f'<h2 id="{quote(key)}">{heading} ({total}) <small>{meaning}</small>{more}</h2>')
+        if not group:
+            where = f" in the {html.escape(summary['split'])} split" if in_split else ""
+            parts.append(f'<p class="none">None{where}.</p>')
+            continue
         if key == "error":
             items = "".join(f"<li><b>{html.escape(r['name'])}</b> ({html.escape(r['file'])}): "
                             f"{html.escape(r['error'])}</li>" for r in group)
@@ -264,10 +296,11 @@ def _write_index(out: Path, summary: dict[str, Any]) -> None:
         figs = "".join(
             f'<figure data-p="{r["p_rdr"]:.6f}"><a href="{quote(r["png"])}"><img src="{quote(r["png"])}" '
             f'alt="{html.escape(r["name"])}" loading="lazy"></a><figcaption>{html.escape(r["name"])}: '
-            f'P(RDR) {r["p_rdr"]:.3f}</figcaption></figure>' for r in group)
+            f'P(RDR) {r["p_rdr"]:.3f}{_pointing_caption(r)}</figcaption></figure>' for r in group)
         parts.append(f'<div class="group">{figs}</div>')
     style = ("body{font-family:sans-serif;margin:1em 2em}.group{display:flex;flex-wrap:wrap;gap:8px}"
-             "figure{margin:0;width:460px}img{width:100%}figcaption{font-size:90%}small{color:#666}")
+             "figure{margin:0;width:500px}img{width:100%}figcaption{font-size:90%}small{color:#666}"
+             ".none{color:#666;font-style:italic}.pointing{background:#f3f3f3;padding:.5em}")
     page = (f'<!doctype html><html><head><meta charset="utf-8"><title>Grad-CAM '
             f'{html.escape(summary["run"])}</title><style>{style}</style></head><body>'
             + "\n".join(parts) + "</body></html>\n")
@@ -275,8 +308,8 @@ def _write_index(out: Path, summary: dict[str, Any]) -> None:
 
 
 def _split_batch(model: Any, info: dict[str, Any], run_dir: Path, data_dir: Path, split: str, n: int,
-                 threshold: float) -> tuple[np.ndarray, list[str], list[int], int]:
-    """(images, names, labels) of the ``n`` gallery images of a prepared split, and its size."""
+                 threshold: float) -> tuple[np.ndarray, list[str], list[int], dict[str, int]]:
+    """(images, names, labels) of the ``n`` gallery images of a prepared split, and its group sizes."""
     from drtune import data
     from drtune.evaluate import check_data_matches_run, predictor
     from drtune.prepare import load_meta
@@ -288,7 +321,7 @@ def _split_batch(model: Any, info: dict[str, Any], run_dir: Path, data_dir: Path
     size = info["input_size"] if info["input_size"] != info["size"] else None
     ds = data.eval_dataset(data_dir, split, 32, cache=False, image_size=size, meta=meta)
     y = data.split_labels(data_dir, split, meta)
-    pick = _choose(y, predictor(model, run_dir).predict(ds, verbose=0)[:, RDR], threshold, n)
+    pick, counts = _choose(y, predictor(model, run_dir).predict(ds, verbose=0)[:, RDR], threshold, n)
     slot, seen = {j: k for k, j in enumerate(pick)}, 0
     batch = np.zeros((len(pick),) + tuple(model.input_shape[1:]), np.float32)
     for b, _ in ds:  # a second pass keeps only the chosen images in memory
@@ -297,7 +330,7 @@ def _split_batch(model: Any, info: dict[str, Any], run_dir: Path, data_dir: Path
                 batch[slot[j]] = image
         seen += len(b)
     names = data.split_names(data_dir, split, meta)
-    return batch, [names[i] for i in pick], [int(y[i]) for i in pick], len(y)
+    return batch, [names[i] for i in pick], [int(y[i]) for i in pick], counts
 
 
 def run_gradcam(run_dir: Path | str, out_dir: Path | str, data_dir: Path | str | None = None,
@@ -332,10 +365,10 @@ def run_gradcam(run_dir: Path | str, out_dir: Path | str, data_dir: Path | str |
         summary.update(source=f"{len(paths)} photograph(s)", n_split=len(paths))
     else:
         data_dir = Path(data_dir or info["data_dir"])
-        batch, names, labels, n_split = _split_batch(model, info, Path(run_dir), data_dir, split, n, threshold)
+        batch, names, labels, counts = _split_batch(model, info, Path(run_dir), data_dir, split, n, threshold)
         errors, files = [None] * len(names), [f"{data_dir}:{split}"] * len(names)
         summary.update(source=f"{split} split of {data_dir}", split=split, data_dir=str(data_dir),
-                       n_split=n_split, selection=SELECTION)
+                       n_split=sum(counts.values()), split_groups=counts, selection=SELECTION)
     synth_split = "test" if images or split == "test" else "train"
     if masks is not None and not (Path(masks) / SYNTH_LAYOUT[synth_split][1]).is_file():
         raise InputError(f"--masks {masks}: not a 'drtune synth' folder (no {SYNTH_LAYOUT[synth_split][1]})")
@@ -363,21 +396,7 @@ def run_gradcam(run_dir: Path | str, out_dir: Path | str, data_dir: Path | str |
     rows.sort(key=lambda r: (order[r["group"]], -(r["p_rdr"] or 0.0)))
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    photos = Path(masks) / SYNTH_LAYOUT[synth_split][0] if masks is not None else None
-    for rank, r in enumerate(rows):
-        i = r.pop("i")
-        if r["error"] is not None:
-            continue
-        r["png"] = f"{rank:03d}-{_slug(r['name'])}.png"
-        truth = f"; truth {r['truth']} ({r['group']})" if r["truth"] else ""
-        title = f"{r['name']}: P(RDR) {r['p_rdr']:.3f} -> {r['decision']} (threshold {threshold:.3f}){truth}"
-        photo = photos / f"{r['name']}.jpg" if photos is not None else None
-        lesions = (lesion_masks(photo, mask_path(Path(masks), synth_split, r["name"]), info, 0)[0]
-                   if photo is not None and photo.is_file() else None)
-        _render(out / r["png"], batch[i], heat[i], title, lesions)
-    summary.update(n=len(rows), images=rows,
-                   groups={g[0]: sum(r["group"] == g[0] for r in rows) for g in GROUPS})
-    if masks is not None:
+    if masks is not None:  # first, so that each image's own result can go into its figure
         score = pointing_score(model, masks, synth_split, info, threshold, layer, tolerance)
         summary["pointing"] = score
         summary["pointing_text"] = (
@@ -387,6 +406,30 @@ def run_gradcam(run_dir: Path | str, out_dir: Path | str, data_dir: Path | str |
             f"correctly classified RDR photos of the synth {synth_split} split (lesions dilated by "
             f"{score['tolerance_px']} px)")
         logging.info("pointing game: %s", summary["pointing_text"])
+        scored = {s["name"]: s for s in score["images"]}
+    photos = Path(masks) / SYNTH_LAYOUT[synth_split][0] if masks is not None else None
+    digits = len(str(max(len(rows) - 1, 1)))
+    rank_in_group: dict[str, int] = {}
+    for r in rows:
+        i = r.pop("i")
+        if r["error"] is not None:
+            continue
+        # fn_00_<name>.png: the group first, so a flat listing (the dashboard's artifacts) sorts
+        # errors first and says what each image is; then the rank in the gallery's order.
+        k = rank_in_group[r["group"]] = rank_in_group.get(r["group"], -1) + 1
+        r["png"] = f"{PREFIX[r['group']]}_{k:0{digits}d}_{_slug(r['name'])}.png"
+        truth = f"; truth {r['truth']} ({r['group']})" if r["truth"] else ""
+        title = f"{r['name']}: P(RDR) {r['p_rdr']:.3f} -> {r['decision']} (threshold {threshold:.3f}){truth}"
+        if photos is not None and r["name"] in scored:
+            r.update(peak_on_lesion=scored[r["name"]]["hit"], lesion_energy=scored[r["name"]]["energy"])
+            title += f"\npointing game: peak {'on' if r['peak_on_lesion'] else 'off'} a lesion, " \
+                     f"{r['lesion_energy']:.0%} of the map on lesions"
+        photo = photos / f"{r['name']}.jpg" if photos is not None else None
+        lesions = (lesion_masks(photo, mask_path(Path(masks), synth_split, r["name"]), info, 0)[0]
+                   if photo is not None and photo.is_file() else None)
+        _render(out / r["png"], batch[i], heat[i], title, lesions)
+    summary.update(n=len(rows), images=rows,
+                   groups={g[0]: sum(r["group"] == g[0] for r in rows) for g in GROUPS})
     _write_index(out, summary)
     write_json(out / "summary.json", summary)
     logging.info("wrote %d Grad-CAM image(s) and %s", len(ok), out / "index.html")
@@ -394,7 +437,8 @@ def run_gradcam(run_dir: Path | str, out_dir: Path | str, data_dir: Path | str |
 
 
 def gallery_artifacts(out_dir: Path | str) -> list[Path]:
-    """The files of a gallery worth uploading (``index.html`` and its PNGs), for the search service."""
+    """The files of a gallery worth uploading: ``index.html``, then its PNGs in the gallery's order
+    (errors first; each name starts with its group, ``fn_``, ``fp_``, ``tp_``, ``tn_``...)."""
     out = Path(out_dir)
     if not (out / "index.html").is_file() or not (out / "summary.json").is_file():
         raise InputError(f"{out}: no Grad-CAM gallery (run 'drtune gradcam' first)")

@@ -116,12 +116,20 @@ def test_gallery_of_a_split(run: Path, prepared: Path, tmp_path: Path) -> None:
     assert links and all((out / link).is_file() for link in links)  # relative, nothing dangling
     assert sorted(set(links)) == pngs
     assert json.loads((out / "summary.json").read_text())["images"] == summary["images"]
-    # Groups in the page are those of the summary; within each, P(RDR) descends.
+    # Every labelled group has its heading, errors first, counted over the whole split, even when
+    # empty; the shown images are a selection of those; within each group, P(RDR) descends.
     page = index.read_text()
-    for key, heading, _ in gradcam.GROUPS:
-        assert (f"{heading} ({summary['groups'][key]})" in page) == (summary["groups"][key] > 0)
+    split_groups = summary["split_groups"]
+    assert sum(split_groups.values()) == summary["n_split"] == 8
+    headings = re.findall(r'<h2 id="([^"]+)">([^(<]+) \((\d+)\)', page)
+    assert [(k, h, int(c)) for k, h, c in headings] == [
+        (k, h, split_groups[k]) for k, h, _ in gradcam.GROUPS if k in ("FN", "FP", "TP", "TN")]
+    assert [k for k, *_ in headings][:2] == ["FN", "FP"]
+    for key in ("FN", "FP", "TP", "TN"):
+        assert summary["groups"][key] <= split_groups[key]
     blocks = re.findall(r'<h2 id="(\w+)">.*?</h2>\s*<div class="group">(.*?)</div>', page)
     assert [k for k, _ in blocks] == [k for k, *_ in gradcam.GROUPS if summary["groups"][k]]
+    assert page.count('<p class="none">') == sum(1 for k in split_groups if not split_groups[k])
     for _, block in blocks:
         ps = [float(v) for v in re.findall(r'data-p="([0-9.]+)"', block)]
         assert ps == sorted(ps, reverse=True)
@@ -137,7 +145,13 @@ def test_gallery_of_a_split(run: Path, prepared: Path, tmp_path: Path) -> None:
     p = model.predict(data.eval_dataset(prepared, "test", image_size=48), verbose=0)[:, 1]
     n_errors = int(np.sum((p >= th) != (y == 1)))
     assert summary["groups"]["FP"] + summary["groups"]["FN"] == min(6, n_errors)
-    assert [a.name for a in gradcam.gallery_artifacts(out)] == ["index.html"] + pngs
+    # File names carry their group and sort errors first; the artifacts follow the gallery's order.
+    shown = [r["png"] for r in summary["images"]]
+    for r in summary["images"]:
+        assert r["png"].startswith(gradcam.PREFIX[r["group"]] + "_")
+    assert [a.name for a in gradcam.gallery_artifacts(out)] == ["index.html"] + shown
+    errors_first = [r["group"] in ("FN", "FP") for r in sorted(summary["images"], key=lambda r: r["png"])]
+    assert errors_first == sorted(errors_first, reverse=True)
 
 
 def test_gallery_of_photos_with_an_unreadable_file(run: Path, synth_root: Path, tmp_path: Path) -> None:
@@ -152,11 +166,46 @@ def test_gallery_of_photos_with_an_unreadable_file(run: Path, synth_root: Path, 
     assert errors[0]["png"] is None
     page = (out / "index.html").read_text()
     assert "Unreadable (1)" in page and "broken" in page and "not an image" in page
+    # Photos without ground truth: the two "called" groups, empty or not, and no TP/FP/FN/TN.
+    called = summary["groups"]
+    assert f"Called RDR ({called['RDR?']})" in page and f"Called NRDR ({called['NRDR?']})" in page
+    assert "False negatives" not in page
+    for r in summary["images"]:
+        if r["png"]:
+            assert r["png"].startswith(("called-rdr_", "called-nrdr_"))
     assert len(list(out.glob("*.png"))) == 2
     assert all((out / link).is_file() for link in _links(out / "index.html"))
     for r in summary["images"]:
         if r["group"] != "error":
             assert r["truth"] is None and r["group"] == f"{r['decision']}?"
+
+
+def test_index_shows_empty_groups_and_the_pointing_game(tmp_path: Path) -> None:
+    """The page alone: no false negative at all still gets its heading, and so does the pointing
+    game (overall and per image) when lesion masks were known."""
+    row = {"name": "IDRiD_001", "file": "d:test", "group": "TP", "error": None, "p_rdr": 0.9,
+           "decision": "RDR", "truth": "RDR", "png": "tp_0_IDRiD_001.png", "peak_on_lesion": True,
+           "lesion_energy": 0.42}
+    summary = {"run": "run", "source": "test split of d", "threshold": 0.5, "layer": FEATURE_LAYER,
+               "masks": "synth", "split": "test", "n": 1, "n_split": 7, "selection": gradcam.SELECTION,
+               "split_groups": {"FN": 0, "FP": 2, "TP": 1, "TN": 4}, "images": [row],
+               "pointing": {"n": 1}, "pointing_text": "hit rate 1.00 vs 0.10 for a random peak"}
+    gradcam._write_index(tmp_path, summary)
+    page = (tmp_path / "index.html").read_text()
+    assert [h for h in re.findall(r"<h2 id=\"\w+\">([^<]+?) <small>", page)] == [
+        "False negatives (0)", "False positives (2)", "True positives (1)", "True negatives (4)"]
+    assert "None in the test split." in page
+    assert "0 of 2 in the test split shown" in page and "0 of 4 in the test split shown" in page
+    assert "Pointing game" in page and "hit rate 1.00" in page
+    assert "peak on a lesion, 42% of the map on lesions" in page
+
+
+def test_choose_errors_first_and_counts_the_split() -> None:
+    labels = np.array([1, 0, 1, 0, 1, 0])
+    p = np.array([0.9, 0.8, 0.2, 0.1, 0.4, 0.3])  # at 0.5: TP, FP, FN, TN, FN, TN
+    pick, counts = gradcam._choose(labels, p, 0.5, 4)
+    assert counts == {"FN": 2, "FP": 1, "TP": 1, "TN": 2}
+    assert pick == [2, 4, 1, 0]  # the most confident miss first, then the false positive
 
 
 def test_bad_input(run: Path, prepared: Path, tmp_path: Path) -> None:
