@@ -121,7 +121,7 @@ def _study_config(args: argparse.Namespace):  # -> Config (typed lazily: config 
 
 
 def cmd_search(args: argparse.Namespace) -> int:
-    from drtune.search import check_budget, create_study, search
+    from drtune.study import check_budget, create_study
     from drtune.workers import parse_gpus, run_workers
 
     check_budget(args.n_trials, args.timeout)
@@ -134,6 +134,8 @@ def cmd_search(args: argparse.Namespace) -> int:
         # Optuna's tables) exists before the workers start.
         create_study(_study_config(args), args.grid, args.storage, args.study)
         return run_workers(args.argv, workers, gpus)
+    from drtune.search import search  # TensorFlow: only a process that trains loads it
+
     cfg = _study_config(args)
     search(cfg, grid=args.grid, storage=args.storage, name=args.study, n_trials=args.n_trials,
            timeout=args.timeout)
@@ -142,7 +144,7 @@ def cmd_search(args: argparse.Namespace) -> int:
 
 
 def cmd_finetune(args: argparse.Namespace) -> int:
-    from drtune.search import finetune_best
+    from drtune.finetune import finetune_best
 
     if not args.best:
         raise InputError("finetune needs --best (fine-tuning the best completed trial is the only mode)")
@@ -177,7 +179,7 @@ def _cfg_flag(args: argparse.Namespace) -> str:
     """
     import shlex
 
-    from drtune.search import redact
+    from drtune.study import redact
 
     flags = [f"--config {shlex.quote(str(args.config))}"] if args.config else []
     flags += [f"--storage {shlex.quote(redact(args.storage))}"] if args.storage else []

@@ -21,7 +21,9 @@ def run_demo(workdir: Path | str = "demo-work", study: Path | str | None = None)
     """Run the demo with all its files under ``workdir``; return the fine-tuned test summary."""
     from drtune.config import load_config, resolve_study_path
     from drtune.prepare import PrepareOptions, find_idrid, prepare
-    from drtune.search import finetune_best, redact, search
+    from drtune.finetune import finetune_best
+    from drtune.search import search
+    from drtune.study import redact
     from drtune.synth import make_synthetic
 
     study = resolve_study_path(study or DEMO_STUDY)

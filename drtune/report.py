@@ -235,7 +235,7 @@ def study_facts(cfg: Any, storage: str | None = None, name: str | None = None) -
     from optuna.trial import TrialState
 
     from drtune import config as config_lib
-    from drtune.search import load_study
+    from drtune.study import load_study
 
     study = load_study(cfg, storage, name)
     ft = study.user_attrs.get("finetune")

@@ -11,7 +11,7 @@ from absl import logging
 
 from drtune.config import Config
 from drtune.errors import DrtuneError
-from drtune.search import artifact_dir, load_study, open_storage, redact, storage_url
+from drtune.study import artifact_dir, load_study, open_storage, redact, storage_url
 
 
 def _fmt(value: Any, spec: str = ".4f") -> str:

@@ -127,7 +127,7 @@ LOAD_WORKER = textwrap.dedent("""
     import sys
     import optuna
     from drtune.config import load_config
-    from drtune.search import open_storage
+    from drtune.study import open_storage
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     cfg = load_config(None, ["search.heartbeat_interval=1", "search.grace_period=5"])
     study = optuna.load_study(study_name=sys.argv[1], storage=open_storage(cfg, sys.argv[2]))

@@ -21,7 +21,9 @@ from optuna.trial import TrialState
 from drtune.cli import main
 from drtune.config import load_config
 from drtune.errors import InputError
-from drtune.search import artifact_dir, finetune_best, open_storage, search, storage_url
+from drtune.finetune import finetune_best
+from drtune.search import search
+from drtune.study import artifact_dir, open_storage, storage_url
 
 TINY_STUDY = """\
 # drtune search --grid --config {path}   (test study, seconds)
@@ -305,7 +307,8 @@ def test_storage_errors_are_clear(tmp_path: Path, capsys) -> None:
 
 def test_tpe_workers_draw_different_first_points(prepared: Path, tmp_path: Path, monkeypatch) -> None:
     """Two workers (as `--workers 2` names them) on one study do not suggest the same points."""
-    from drtune.search import make_sampler, sample, tpe_seed
+    from drtune.objective import sample
+    from drtune.study import make_sampler, tpe_seed
     from drtune.workers import worker_envs
 
     cfg = load_config(study_file(tmp_path, prepared))
@@ -328,7 +331,7 @@ def test_tpe_workers_draw_different_first_points(prepared: Path, tmp_path: Path,
 
 
 def test_pruner_startup_trials_applies_to_every_pruner(tmp_path: Path) -> None:
-    from drtune.search import make_pruner
+    from drtune.study import make_pruner
 
     url = f"sqlite:///{tmp_path / 'p.db'}"
     for pruner in ("successive_halving", "hyperband", "median"):
@@ -378,7 +381,7 @@ def test_redact_masks_every_password(url: str) -> None:
     from argparse import Namespace
 
     from drtune.cli import _cfg_flag
-    from drtune.search import redact
+    from drtune.study import redact
 
     shown = redact(url)
     assert "s3c" not in shown and "ret" not in shown.replace("require", "") and "db.example" in shown

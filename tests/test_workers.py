@@ -14,7 +14,7 @@ from optuna.trial import TrialState
 
 from drtune.config import load_config
 from drtune.errors import InputError
-from drtune.search import storage_url
+from drtune.study import storage_url
 from drtune.workers import parse_gpus, strip_worker_flags, worker_envs
 from test_search import study_file
 

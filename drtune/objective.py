@@ -1,0 +1,229 @@
+"""One trial of a study: sample its parameters, train it, report each epoch, keep its artifacts.
+
+:class:`Objective` is what ``study.optimize`` calls. A trial draws its parameters in one place
+(:func:`sample`), trains through :func:`drtune.train.train_and_evaluate` with two Keras callbacks
+(progress attributes, and pruning on validation balanced accuracy), and returns its best
+validation balanced accuracy. Its run directory is ``WORKDIR/STUDY/trial-NNNN``; a retried trial
+reuses its dead predecessor's directory, so training resumes where the dead one stopped.
+Plots, the history and the config go to the study's artifact store for the dashboard.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import keras
+import optuna
+import tensorflow as tf
+from absl import logging
+from optuna.artifacts import FileSystemArtifactStore
+from optuna_integration import KerasPruningCallback
+from tensorboard.plugins.hparams import api as hp
+
+from drtune import config as config_lib
+from drtune import metrics
+# train is used as a module (train.train_and_evaluate) so that tests can replace its functions.
+from drtune import train
+from drtune.config import Config
+from drtune.grid import TrialTakenOver, check_duplicate
+from drtune.study import no_space, upload
+from drtune.train import MONITOR
+
+
+def sample(trial: optuna.Trial, cfg: Config, grid: bool) -> Config:
+    """The one place where a trial's parameters are drawn; returns the trial's config."""
+    values: dict[str, Any] = {}
+    if grid:
+        for key, choices in cfg.search.grid.items():
+            values[key] = trial.suggest_categorical(key, choices)
+    else:
+        for key, spec in cfg.search.space.items():
+            if "choices" in spec:
+                values[key] = trial.suggest_categorical(key, spec["choices"])
+            elif isinstance(config_lib._get(cfg, key), int):
+                values[key] = trial.suggest_int(key, int(spec["low"]), int(spec["high"]),
+                                                step=int(spec.get("step", 1)), log=bool(spec.get("log", False)))
+            else:
+                values[key] = trial.suggest_float(key, float(spec["low"]), float(spec["high"]),
+                                                  step=spec.get("step"), log=bool(spec.get("log", False)))
+        if not values:
+            raise no_space(cfg, "[search.space]")
+    return config_lib.replace(cfg, **values)
+
+
+# --------------------------------------------------------------------------- Keras callbacks
+
+
+class TrialAttrs(keras.callbacks.Callback):
+    """Records progress on the trial each epoch, so pruned trials keep it."""
+
+    def __init__(self, trial: optuna.Trial) -> None:
+        super().__init__()
+        self.trial = trial
+
+    def on_epoch_begin(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
+        self.t0 = time.monotonic()
+
+    def on_epoch_end(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
+        logs = logs or {}
+        self.trial.set_user_attr("epochs_run", epoch + 1)
+        self.trial.set_user_attr("seconds_per_epoch", round(time.monotonic() - self.t0, 3))
+        auc = logs.get("val_auc")
+        if auc is not None and auc == auc:  # NaN when one class is missing
+            self.trial.set_user_attr("val_auc", float(auc))
+
+
+class PruneBeforeLastEpoch(KerasPruningCallback):
+    """Optuna's Keras pruning callback, except at the last epoch: a trial that ran every epoch
+    is complete, and pruning it then would only hide its result from ``finetune --best``."""
+
+    def __init__(self, trial: optuna.Trial, epochs: int) -> None:
+        super().__init__(trial, MONITOR)
+        self.optuna_trial, self.epochs = trial, epochs
+
+    def on_epoch_end(self, epoch: int, logs: dict[str, float] | None = None) -> None:
+        if epoch + 1 < self.epochs:
+            super().on_epoch_end(epoch, logs)
+        elif logs and logs.get(MONITOR) is not None:
+            self.optuna_trial.report(float(logs[MONITOR]), step=epoch)
+
+
+# --------------------------------------------------------------------------- the trial
+
+
+def _run_dir(trial: optuna.Trial, cfg: Config, name: str) -> Path:
+    """The trial's run directory; a retried trial reuses its dead predecessor's to resume."""
+    frozen = next(t for t in trial.study.get_trials(deepcopy=False) if t.number == trial.number)
+    if frozen.user_attrs.get("run_dir"):  # a retry (stale or interrupted) inherits it
+        return Path(frozen.user_attrs["run_dir"])
+    history = frozen.system_attrs.get("retry_history", [])  # set by the retry callback
+    number = history[0] if history else trial.number
+    return Path(cfg.search.workdir) / name / f"trial-{number:04d}"
+
+
+def _hparams(cfg: Config, name: str, trial: optuna.Trial, value: float, state: str) -> None:
+    """TensorBoard HParams summary of a trial, the original project's way to compare a grid."""
+    logdir = Path(cfg.search.workdir) / name / "hparams" / f"trial-{trial.number:04d}"
+    with tf.summary.create_file_writer(str(logdir)).as_default():
+        hp.hparams({k: v for k, v in trial.params.items()}, trial_id=f"trial-{trial.number:04d}")
+        tf.summary.scalar(MONITOR, value, step=1)
+        tf.summary.text("state", state, step=1)
+
+
+@dataclass
+class Objective:
+    """Callable objective of a study: trains one trial, returns best val balanced accuracy."""
+
+    cfg: Config
+    data_dir: Path
+    grid: bool
+    name: str
+    store: FileSystemArtifactStore
+    # Trials this worker gave up: interrupted (Ctrl-C) or taken over by another worker. Their
+    # failure is reported in one line here, not with Optuna's traceback (see search._QuietFailures).
+    abandoned: dict[int, str] = field(default_factory=dict)
+    current: int | None = None  # storage id of the trial running here (for the stale watcher)
+
+    def __call__(self, trial: optuna.Trial) -> float:
+        self.current = trial._trial_id
+        try:
+            return self._run(trial)
+        except KeyboardInterrupt:
+            self.abandoned[trial.number] = "interrupted"
+            if self.grid:
+                logging.warning("trial %d interrupted; the next 'drtune search --grid' runs its point "
+                                "again, resuming its run directory", trial.number)
+            try:
+                # The next `drtune search` (or another worker) runs this point again.
+                trial.set_user_attr("interrupted", True)
+            except Exception:  # noqa: BLE001 - interrupted again, or the database is gone
+                pass
+            raise
+        except _ownership_errors() as exc:
+            # This worker was paused past the grace period: its trial was failed as stale and
+            # handed to another worker, which now owns the run directory. Stop touching it.
+            self.abandoned[trial.number] = "lost"
+            logging.warning("trial %d: another worker took over its run directory while this one "
+                            "was stalled (%s); leaving the trial to it", trial.number,
+                            type(exc).__name__)
+            self._lost = True
+            raise TrialTakenOver(str(exc)) from None
+        finally:
+            self.current = None
+
+    def take_lost(self) -> bool:
+        """Whether the last trial was taken over by another worker (and forget it)."""
+        lost, self._lost = getattr(self, "_lost", False), False
+        return lost
+
+    def _run(self, trial: optuna.Trial) -> float:
+        cfg = sample(trial, self.cfg, self.grid)
+        if self.grid:
+            check_duplicate(trial)
+        keras.backend.clear_session()  # one process runs many trials: free the last graph
+        run = _run_dir(trial, cfg, self.name)
+        trial.set_user_attr("run_dir", str(run))
+        # Which worker ran it: useful in the dashboard when many machines share a study.
+        trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")
+        if "CUDA_VISIBLE_DEVICES" in os.environ:
+            trial.set_user_attr("cuda_visible_devices", os.environ["CUDA_VISIBLE_DEVICES"])
+        logging.info("trial %d: %s -> %s", trial.number,
+                     " ".join(f"{k}={v}" for k, v in trial.params.items()), run)
+        callbacks = [TrialAttrs(trial), PruneBeforeLastEpoch(trial, cfg.train.epochs)]
+        try:
+            result = train.train_and_evaluate(cfg, self.data_dir, run, callbacks=callbacks)
+        except optuna.TrialPruned:
+            last = trial.user_attrs.get("epochs_run", 0)
+            self._artifacts(trial, run)
+            _hparams(self.cfg, self.name, trial, _last_value(run), "pruned")
+            logging.info("trial %d pruned after %d epoch(s)", trial.number, last)
+            raise
+        except train.TrainingDiverged as exc:
+            # A diverging learning rate is a bad point of the space, not a broken worker:
+            # record it as pruned so the study goes on and the reason stays visible.
+            trial.set_user_attr("diverged", str(exc))
+            _hparams(self.cfg, self.name, trial, float("nan"), "diverged")
+            logging.warning("trial %d diverged; pruned", trial.number)
+            raise optuna.TrialPruned(str(exc)) from None
+        value = float(result["val_balanced_accuracy"])
+        trial.set_user_attr("epochs_run", result["epochs_run"])
+        trial.set_user_attr("best_epoch", result["best_epoch"])
+        trial.set_user_attr("threshold", result["threshold"])
+        trial.set_user_attr("seconds", round(result["seconds"], 1))
+        if result.get("val_auc") is not None:
+            trial.set_user_attr("val_auc", result["val_auc"])
+        metrics.plot_confusion_matrix(result["val"]["confusion_matrix"], run / "val_confusion_matrix.png",
+                                      f"trial {trial.number}: validation at threshold {result['threshold']:.3f}")
+        self._artifacts(trial, run)
+        _hparams(self.cfg, self.name, trial, value, "complete")
+        return value
+
+    def _artifacts(self, trial: optuna.Trial, run: Path) -> None:
+        if (run / "history.csv").is_file() and not (run / "history.png").is_file():
+            try:
+                metrics.plot_history(run / "history.csv", run / "history.png")
+            except ValueError:
+                pass
+        upload(self.store, trial, [run / "val_confusion_matrix.png", run / "history.png",
+                                   run / "history.csv", run / "config.json"])
+
+
+def _last_value(run: Path) -> float:
+    try:
+        return float(train.read_history(run / "history.csv")[-1][MONITOR])
+    except (OSError, IndexError, KeyError, ValueError):
+        return float("nan")
+
+
+def _ownership_errors() -> tuple[type[BaseException], ...]:
+    """What a stalled worker meets when it comes back: Optuna refusing updates to its (now failed)
+    trial, or train.py's owner token of the run directory, when train.py provides one."""
+    lost = getattr(train, "RunOwnershipLost", None)
+    return (optuna.exceptions.UpdateFinishedTrialError,) + ((lost,) if isinstance(lost, type) else ())
+
+
