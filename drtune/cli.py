@@ -18,6 +18,7 @@ from absl import logging
 
 from drtune import __version__
 from drtune.errors import DrtuneError, InputError
+from drtune.runs import SPLITS, eval_dir
 
 Handler = Callable[[argparse.Namespace], int]
 DEFAULT_STUDY = "demo"  # the built-in study (package data): defaults work from any directory
@@ -68,12 +69,12 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from drtune.evaluate import evaluate_run
+    from drtune.metrics import fmt_or_na
 
     result = evaluate_run(args.run, args.data, args.split, n_boot=args.n_boot)
     lo, hi = result["ci95"]["balanced_accuracy"] or (float("nan"), float("nan"))
-    auc = "n/a" if result["auc"] is None else f"{result['auc']:.3f}"
     print(f"{args.split}: balanced accuracy {result['balanced_accuracy']:.3f} (95% CI {lo:.3f}-{hi:.3f}), "
-          f"AUC {auc}, n={result['n']}; report in {Path(args.run) / ('eval-' + args.split)}")
+          f"AUC {fmt_or_na(result['auc'])}, n={result['n']}; report in {eval_dir(args.run, args.split)}")
     return 0
 
 
@@ -145,14 +146,14 @@ def cmd_search(args: argparse.Namespace) -> int:
 
 def cmd_finetune(args: argparse.Namespace) -> int:
     from drtune.finetune import finetune_best
+    from drtune.metrics import fmt_or_na
 
     if not args.best:
         raise InputError("finetune needs --best (fine-tuning the best completed trial is the only mode)")
     summary = finetune_best(_study_config(args), storage=args.storage, name=args.study, data_dir=args.data)
     test = summary["test"]
-    auc = "n/a" if test["auc"] is None else f"{test['auc']:.3f}"
     print(f"fine-tuned trial {summary['trial']}: test balanced accuracy {test['balanced_accuracy']:.3f}, "
-          f"AUC {auc}, n={test['n']}; run in {summary['run_dir']}")
+          f"AUC {fmt_or_na(test['auc'])}, n={test['n']}; run in {summary['run_dir']}")
     return 0
 
 
@@ -286,7 +287,7 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
                                    "split, at the threshold frozen on validation; writes RUN/eval-SPLIT/.")
     p.add_argument("run", type=Path, help="run directory")
     p.add_argument("--data", type=Path, help="data directory (default: the one the run trained on)")
-    p.add_argument("--split", default="test", choices=("train", "val", "test"), help="default: test")
+    p.add_argument("--split", default="test", choices=SPLITS, help="default: test")
     p.add_argument("--n-boot", type=int, default=1000, help="bootstrap resamples (default 1000)")
     p.set_defaults(handler=cmd_evaluate)
 
@@ -312,7 +313,7 @@ def _add_gradcam(sub: argparse._SubParsersAction) -> None:
     p.add_argument("images", type=Path, nargs="*", metavar="IMAGE",
                    help="raw photographs, preprocessed as 'prepare' does (instead of a split)")
     p.add_argument("--data", type=Path, help="data directory (default: the one the run trained on)")
-    p.add_argument("--split", choices=("train", "val", "test"), help="split to draw from (default: test)")
+    p.add_argument("--split", choices=SPLITS, help="split to draw from (default: test)")
     p.add_argument("--n", type=int, default=16, help="images taken from the split (default 16)")
     p.add_argument("--out", type=Path, required=True, help="output folder")
     p.add_argument("--masks", type=Path, metavar="SYNTH_ROOT",

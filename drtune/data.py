@@ -21,7 +21,7 @@ import tensorflow as tf
 from absl import logging
 
 from drtune.errors import InputError
-from drtune.prepare import load_meta
+from drtune.runs import CLASS_NAMES, load_meta
 
 AUGMENT_LEVELS: tuple[str, ...] = ("none", "base", "strong")
 
@@ -320,7 +320,7 @@ def train_dataset(
         counts = [int(entry["nrdr"]), int(entry["rdr"])]
         for label, count in enumerate(counts):
             if count == 0:
-                raise InputError(f"{data_dir}: split 'train' has no {('NRDR', 'RDR')[label]} "
+                raise InputError(f"{data_dir}: split 'train' has no {CLASS_NAMES[label]} "
                                  "images; cannot balance classes (use balance=False)")
         branches = []
         for label, count in enumerate(counts):

@@ -13,6 +13,7 @@ from typing import Any
 from absl import logging
 
 from drtune.errors import InputError
+from drtune.runs import META_JSON, eval_dir
 
 DEMO_STUDY = Path("studies") / "demo.toml"
 
@@ -22,6 +23,7 @@ def run_demo(workdir: Path | str = "demo-work", study: Path | str | None = None)
     from drtune.config import load_config, resolve_study_path
     from drtune.prepare import PrepareOptions, find_idrid, prepare
     from drtune.finetune import finetune_best
+    from drtune.metrics import fmt_or_na
     from drtune.search import search
     from drtune.study import redact
     from drtune.synth import make_synthetic
@@ -39,7 +41,7 @@ def run_demo(workdir: Path | str = "demo-work", study: Path | str | None = None)
     if not synth.is_dir():
         logging.info("[1/4] synthetic photographs -> %s", synth)
         make_synthetic(synth, n_train=96, n_test=32, width=640, height=426, seed=0)
-    if not (data / "meta.json").is_file():
+    if not (data / META_JSON).is_file():
         logging.info("[2/4] prepare -> %s", data)
         prepare(find_idrid(synth), data, PrepareOptions(size=256))
     logging.info("[3/4] grid search (%s)", study)
@@ -48,12 +50,11 @@ def run_demo(workdir: Path | str = "demo-work", study: Path | str | None = None)
     summary = finetune_best(cfg, storage=storage)
     test = summary["test"]
     flags = f"--config {shlex.quote(str(study))} --storage {shlex.quote(redact(storage))}"
-    auc = "n/a" if test["auc"] is None else f"{test['auc']:.3f}"
     print(f"\nDemo finished. Fine-tuned trial {summary['trial']} "
           f"({' '.join(f'{k}={v}' for k, v in summary['params'].items())}): test balanced accuracy "
-          f"{test['balanced_accuracy']:.3f}, AUC {auc}, n={test['n']}.\n"
+          f"{test['balanced_accuracy']:.3f}, AUC {fmt_or_na(test['auc'])}, n={test['n']}.\n"
           f"  trials        : drtune status {flags}\n"
           f"  dashboard     : drtune dashboard {flags}   (then open http://127.0.0.1:8080/)\n"
-          f"  test report   : {Path(summary['run_dir']) / 'eval-test'} (metrics.json, confusion_matrix.png, roc.png)\n"
+          f"  test report   : {eval_dir(summary['run_dir'], 'test')} (metrics.json, confusion_matrix.png, roc.png)\n"
           f"  TensorBoard   : tensorboard --logdir {runs / cfg.name}")
     return summary

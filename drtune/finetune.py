@@ -24,7 +24,7 @@ from optuna.trial import FrozenTrial
 
 from drtune import config as config_lib
 # Used as modules (train.train_and_evaluate, ...) so that tests can replace their functions.
-from drtune import evaluate, gradcam, train
+from drtune import evaluate, gradcam, runs, train
 from drtune.config import Config
 from drtune.errors import InputError
 from drtune.study import artifact_dir, load_study, redact_config, upload
@@ -41,9 +41,10 @@ def finetune_best(cfg: Config, storage: str | None = None, name: str | None = No
         raise InputError(f"study {study.study_name!r} has no completed trial to fine-tune; "
                          "run 'drtune search' until one completes") from None
     run = Path(best.user_attrs["run_dir"])
-    if not (run / "model.keras").is_file() or not (run / "config.json").is_file():
+    model, run_config = run / runs.MODEL_KERAS, run / runs.CONFIG_JSON
+    if not model.is_file() or not run_config.is_file():
         raise InputError(f"{run}: best trial {best.number} has no model.keras/config.json to start from")
-    trial_cfg = config_lib.from_dict(json.loads((run / "config.json").read_text()), str(run / "config.json"))
+    trial_cfg = config_lib.from_dict(json.loads(run_config.read_text()), str(run_config))
     ft = cfg.finetune
     ft_cfg = config_lib.replace(trial_cfg, **{"train.lr": ft.lr, "train.epochs": ft.epochs,
                                               "data.augment": ft.augment, "finetune.lr": ft.lr,
@@ -51,16 +52,17 @@ def finetune_best(cfg: Config, storage: str | None = None, name: str | None = No
     ft_cfg = redact_config(ft_cfg)  # trials run before storage URLs were redacted kept passwords
     data = Path(data_dir) if data_dir else Path(trial_cfg.data.dir)
     out = Path(cfg.search.workdir) / study.study_name / f"finetune-trial-{best.number:04d}"
+    test_dir = runs.eval_dir(out, "test")
     done = study.user_attrs.get("finetune")
     if done and done.get("trial") == best.number and done.get("run_dir") == str(out) \
-            and (out / "eval-test" / "metrics.json").is_file():
+            and (test_dir / runs.METRICS_JSON).is_file():
         # Already fine-tuned and recorded: uploading its artifacts again would list them twice.
         logging.info("trial %d is already fine-tuned (%s); delete that folder to redo it", best.number, out)
         return done
     logging.info("fine-tuning trial %d (value %.4f) from %s: lr %g, %d epochs, %s augmentation -> %s",
-                 best.number, best.value, run / "model.keras", ft.lr, ft.epochs, ft.augment, out)
+                 best.number, best.value, model, ft.lr, ft.epochs, ft.augment, out)
     keras.backend.clear_session()
-    result = train.train_and_evaluate(ft_cfg, data, out, init_model=run / "model.keras")
+    result = train.train_and_evaluate(ft_cfg, data, out, init_model=model)
     test = evaluate.evaluate_run(out, data, "test")
     summary = {
         "trial": best.number, "run_dir": str(out), "params": best.params,
@@ -69,8 +71,8 @@ def finetune_best(cfg: Config, storage: str | None = None, name: str | None = No
                                       "specificity", "n", "confusion_matrix", "ci95")},
     }
     store = FileSystemArtifactStore(str(artifact_dir(cfg)))
-    upload(store, study, [out / "eval-test" / "confusion_matrix.png", out / "eval-test" / "roc.png",
-                          out / "eval-test" / "metrics.json", out / "history.png"])
+    upload(store, study, [test_dir / "confusion_matrix.png", test_dir / "roc.png",
+                          test_dir / runs.METRICS_JSON, out / "history.png"])
     if ft.gradcam:
         summary["gradcam"] = _galleries(study, best, run, out, data, ft.gradcam, store)
     study.set_user_attr("finetune", summary)

@@ -32,10 +32,16 @@ from sklearn.metrics import (
     roc_curve,
 )
 
+from drtune.runs import CLASS_NAMES
+
 METRIC_KEYS: tuple[str, ...] = ("balanced_accuracy", "accuracy", "auc", "sensitivity", "specificity")
 CRITERIA: tuple[str, ...] = ("balanced_accuracy", "youden", "fixed")
-CLASS_NAMES: tuple[str, str] = ("NRDR", "RDR")
 _DPI = 120
+
+
+def fmt_or_na(value: float | None, spec: str = ".3f") -> str:
+    """``value`` formatted, or ``n/a`` when it is undefined (AUC of a split with one class)."""
+    return "n/a" if value is None else format(value, spec)
 
 
 def _check(y_true: ArrayLike, p_rdr: ArrayLike) -> tuple[np.ndarray, np.ndarray]:

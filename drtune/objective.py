@@ -26,7 +26,7 @@ from optuna_integration import KerasPruningCallback
 from tensorboard.plugins.hparams import api as hp
 
 from drtune import config as config_lib
-from drtune import metrics
+from drtune import metrics, runs
 # train is used as a module (train.train_and_evaluate) so that tests can replace its functions.
 from drtune import train
 from drtune.config import Config
@@ -204,18 +204,18 @@ class Objective:
         return value
 
     def _artifacts(self, trial: optuna.Trial, run: Path) -> None:
-        if (run / "history.csv").is_file() and not (run / "history.png").is_file():
+        if (run / runs.HISTORY_CSV).is_file() and not (run / "history.png").is_file():
             try:
-                metrics.plot_history(run / "history.csv", run / "history.png")
+                metrics.plot_history(run / runs.HISTORY_CSV, run / "history.png")
             except ValueError:
                 pass
         upload(self.store, trial, [run / "val_confusion_matrix.png", run / "history.png",
-                                   run / "history.csv", run / "config.json"])
+                                   run / runs.HISTORY_CSV, run / runs.CONFIG_JSON])
 
 
 def _last_value(run: Path) -> float:
     try:
-        return float(train.read_history(run / "history.csv")[-1][MONITOR])
+        return float(train.read_history(run / runs.HISTORY_CSV)[-1][MONITOR])
     except (OSError, IndexError, KeyError, ValueError):
         return float("nan")
 

@@ -9,15 +9,13 @@ only when complete, so a failed or interrupted run never leaves half a data set.
 from __future__ import annotations
 
 import errno
+import functools
 import io
 import json
 import math
 import os
-import re
 import shutil
-import socket
 import sys
-import tempfile
 import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
@@ -29,7 +27,7 @@ from typing import Any, Iterator
 import numpy as np
 from absl import logging
 
-from drtune import __version__
+from drtune import __version__, runs
 from drtune.errors import DrtuneError, InputError
 from drtune.labels import (
     LabelRow,
@@ -40,9 +38,11 @@ from drtune.labels import (
     match,
     read_labels,
 )
+from drtune.runs import SPLITS
 
-SPLITS: tuple[str, ...] = ("train", "val", "test")
 ON_ERROR: tuple[str, ...] = ("fail", "skip")
+# load_meta lives in runs.py; train.py, evaluate.py and gradcam.py still import it from here.
+load_meta = runs.load_meta
 
 
 @dataclass(frozen=True)
@@ -501,42 +501,9 @@ def check_output(out: Path, source: Source, overwrite: bool) -> None:
         raise InputError(f"{out}: exists and is not a directory")
     if not overwrite:
         raise InputError(f"{out}: output directory already exists (use --overwrite to replace it)")
-    if not (out / "meta.json").is_file() and any(out.iterdir()):
+    if not (out / runs.META_JSON).is_file() and any(out.iterdir()):
         raise InputError(f"{out}: not a 'drtune prepare' output (no meta.json); --overwrite "
                          "replaces only those: remove it yourself or choose another --out")
-
-
-# Temporary output folders are named .OUT.tmp-HOST-PID-XXXX so that a later run can tell a
-# folder left by a killed run (same host, process gone) from one that a live run is writing.
-_TMP_RE = r"\.{name}\.tmp-(?P<host>.+)-(?P<pid>\d+)-[a-z0-9_]+"
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # someone else's process
-        return True
-    return True
-
-
-def remove_stale_temps(out: Path) -> list[Path]:
-    """Delete temporary folders of ``out`` left by killed ``prepare`` runs on this host."""
-    pattern = re.compile(_TMP_RE.format(name=re.escape(out.name)))
-    host = socket.gethostname()
-    removed = []
-    if not out.parent.is_dir():
-        return removed
-    for tmp in sorted(out.parent.glob(f".{out.name}.tmp-*")):
-        m = pattern.fullmatch(tmp.name)
-        if m is None or m["host"] != host or not tmp.is_dir() or _pid_alive(int(m["pid"])):
-            continue  # another host's run may be alive: only its own host can tell
-        shutil.rmtree(tmp, ignore_errors=True)
-        logging.info("removed %s, a stale temporary folder of process %s (killed while writing)",
-                     tmp, m["pid"])
-        removed.append(tmp)
-    return removed
 
 
 def _write_failed(exc: BaseException, out: Path) -> DrtuneError:
@@ -565,7 +532,7 @@ def _install(tmp: Path, out: Path, overwrite: bool) -> None:
     if out.exists():
         if not overwrite:  # re-checked: another process may have created it meanwhile
             raise InputError(f"{out}: output directory already exists (use --overwrite to replace it)")
-        if not (out / "meta.json").is_file() and any(out.iterdir()):
+        if not (out / runs.META_JSON).is_file() and any(out.iterdir()):
             raise InputError(f"{out}: not a 'drtune prepare' output (no meta.json); --overwrite "
                              "replaces only those: remove it yourself or choose another --out")
         old = out.with_name(f".{out.name}.old-{os.getpid()}")
@@ -574,6 +541,43 @@ def _install(tmp: Path, out: Path, overwrite: bool) -> None:
         shutil.rmtree(old, ignore_errors=True)
     else:
         os.replace(tmp, out)
+
+
+def _write_output(tmp: Path, examples: dict[str, list[tuple[bytes, int, int, str]]],
+                  problems: list[Problem], source: Source, opts: PrepareOptions) -> dict[str, Any]:
+    """Write the shards of every split and ``meta.json`` into ``tmp``; return the meta dict."""
+    splits: dict[str, Any] = {}
+    for split in SPLITS:
+        exs = examples.get(split, [])
+        files = write_shards(tmp, split, exs, opts.shard_size)
+        grades = Counter(g for _, _, g, _ in exs)
+        splits[split] = {
+            "n": len(exs),
+            "nrdr": sum(1 for _, lab, _, _ in exs if lab == 0),
+            "rdr": sum(1 for _, lab, _, _ in exs if lab == 1),
+            "grades": {str(g): grades.get(g, 0) for g in range(5)},
+            "files": files,
+            "names": [n for _, _, _, n in exs],
+        }
+    meta = {
+        "version": 1,
+        "splits": splits,
+        "size": opts.size,
+        "rdr_grade": opts.rdr_grade,
+        "normalize": opts.normalize,
+        "jpeg_quality": opts.jpeg_quality,
+        "val_fraction": opts.val_fraction,
+        "group_pattern": opts.group_pattern,
+        "seed": opts.seed,
+        "source": source.description or str(source.train_images or source.test_images),
+        "skipped": [{"name": p.name, "where": p.where, "reason": p.message} for p in problems],
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "drtune_version": __version__,
+        "bytes": 0,
+    }
+    meta["bytes"] = _dir_bytes(tmp)
+    (tmp / runs.META_JSON).write_text(json.dumps(meta, indent=2) + "\n")
+    return meta
 
 
 def prepare(source: Source, out: Path | str, opts: PrepareOptions = PrepareOptions()) -> dict[str, Any]:
@@ -623,47 +627,9 @@ def prepare(source: Source, out: Path | str, opts: PrepareOptions = PrepareOptio
         raise InputError("no usable training or validation images left after skipping bad input")
 
     try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        remove_stale_temps(out)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-{socket.gethostname()}-{os.getpid()}-",
-                                    dir=out.parent))
-    except OSError as exc:
-        raise _write_failed(exc, out) from exc
-    try:
-        splits: dict[str, Any] = {}
-        for split in SPLITS:
-            exs = examples.get(split, [])
-            files = write_shards(tmp, split, exs, opts.shard_size)
-            grades = Counter(g for _, _, g, _ in exs)
-            splits[split] = {
-                "n": len(exs),
-                "nrdr": sum(1 for _, lab, _, _ in exs if lab == 0),
-                "rdr": sum(1 for _, lab, _, _ in exs if lab == 1),
-                "grades": {str(g): grades.get(g, 0) for g in range(5)},
-                "files": files,
-                "names": [n for _, _, _, n in exs],
-            }
-        meta = {
-            "version": 1,
-            "splits": splits,
-            "size": opts.size,
-            "rdr_grade": opts.rdr_grade,
-            "normalize": opts.normalize,
-            "jpeg_quality": opts.jpeg_quality,
-            "val_fraction": opts.val_fraction,
-            "group_pattern": opts.group_pattern,
-            "seed": opts.seed,
-            "source": source.description or str(source.train_images or source.test_images),
-            "skipped": [{"name": p.name, "where": p.where, "reason": p.message} for p in problems],
-            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            "drtune_version": __version__,
-            "bytes": 0,
-        }
-        meta["bytes"] = _dir_bytes(tmp)
-        (tmp / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
-        _install(tmp, out, opts.overwrite)
+        with runs.atomic_dir(out, install=functools.partial(_install, overwrite=opts.overwrite)) as tmp:
+            meta = _write_output(tmp, examples, problems, source, opts)
     except BaseException as exc:
-        shutil.rmtree(tmp, ignore_errors=True)
         if isinstance(exc, OSError) or _is_tf_error(exc):
             raise _write_failed(exc, out) from exc
         raise
@@ -672,21 +638,4 @@ def prepare(source: Source, out: Path | str, opts: PrepareOptions = PrepareOptio
         logging.info("%-5s %4d images (NRDR %d, RDR %d) in %d shard(s)",
                      split, s["n"], s["nrdr"], s["rdr"], len(s["files"]))
     logging.info("wrote %s (%.1f MB)", out, meta["bytes"] / 1e6)
-    return meta
-
-
-def load_meta(data_dir: Path | str) -> dict[str, Any]:
-    """Read ``DATA/meta.json`` with clear errors for a missing or foreign directory."""
-    data_dir = Path(data_dir)
-    if not data_dir.is_dir():
-        raise InputError(f"{data_dir}: data directory not found (run 'drtune prepare' first)")
-    path = data_dir / "meta.json"
-    if not path.is_file():
-        raise InputError(f"{path}: missing; {data_dir} is not a 'drtune prepare' output")
-    try:
-        meta = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise InputError(f"{path}: not valid JSON ({exc})") from exc
-    if "splits" not in meta or "size" not in meta:
-        raise InputError(f"{path}: missing 'splits' or 'size'")
     return meta

@@ -28,6 +28,9 @@ import numpy as np
 from absl import logging
 
 from drtune import __version__, metrics
+from drtune.metrics import fmt_or_na
+from drtune.runs import (CLASS_NAMES, CONFIG_JSON, DATA_JSON, METRICS_JSON, MODEL_KERAS, PREDICTIONS_CSV,
+                         eval_dir, load_meta)
 from drtune.errors import InputError
 
 # The pivotal trial of the first autonomous DR system (IDx-DR, Abramoff et al., npj Digit Med
@@ -53,18 +56,18 @@ def check_run(run: Path) -> None:
     """``InputError`` unless ``run`` is a finished run directory (cheap: no TensorFlow)."""
     if not run.is_dir():
         raise InputError(f"{run}: run directory not found")
-    for name in ("model.keras", "config.json", "data.json", "metrics.json"):
+    for name in (MODEL_KERAS, CONFIG_JSON, DATA_JSON, METRICS_JSON):
         if not (run / name).is_file():
             raise InputError(f"{run}: no {name}; the run is not finished (run 'drtune train' to the end first)")
 
 
 def _stale(run: Path, split: str, data_dir: Path, threshold: float) -> str | None:
     """Why ``RUN/eval-<split>`` cannot be used as it is, or None when it can."""
-    out = run / f"eval-{split}"
-    if not (out / "metrics.json").is_file() or not (out / "predictions.csv").is_file():
+    out = eval_dir(run, split)
+    if not (out / METRICS_JSON).is_file() or not (out / PREDICTIONS_CSV).is_file():
         return "not evaluated yet"
-    m = json.loads((out / "metrics.json").read_text())
-    with (out / "predictions.csv").open(newline="") as f:
+    m = json.loads((out / METRICS_JSON).read_text())
+    with (out / PREDICTIONS_CSV).open(newline="") as f:
         header = next(csv.reader(f), [])
     if "grade" not in header or "ci_method" not in m:
         return "evaluated by an older drtune (no grades / bootstrap CIs of proportions)"
@@ -72,7 +75,7 @@ def _stale(run: Path, split: str, data_dir: Path, threshold: float) -> str | Non
         return "evaluated at another threshold"
     if Path(m.get("data_dir", "")).resolve() != data_dir.resolve():
         return f"evaluated on {m.get('data_dir')}"
-    if (run / "model.keras").stat().st_mtime > (out / "metrics.json").stat().st_mtime:
+    if (run / MODEL_KERAS).stat().st_mtime > (out / METRICS_JSON).stat().st_mtime:
         return "model.keras is newer than the evaluation"
     return None
 
@@ -85,17 +88,17 @@ def _evaluation(run: Path, split: str, data_dir: Path, threshold: float) -> tupl
 
         logging.info("%s: evaluating on %s (%s)", run, split, why)
         evaluate_run(run, data_dir, split)
-    out = run / f"eval-{split}"
-    with (out / "predictions.csv").open(newline="") as f:
+    out = eval_dir(run, split)
+    with (out / PREDICTIONS_CSV).open(newline="") as f:
         rows = list(csv.DictReader(f))
     preds = {
         "label": np.array([int(r["label"]) for r in rows], dtype=int),
         "p_rdr": np.array([float(r["p_rdr"]) for r in rows]),
         # The decision column was computed from unrounded scores: exact at the frozen threshold.
-        "called": np.array([r["decision"] == "RDR" for r in rows], dtype=float),
+        "called": np.array([r["decision"] == CLASS_NAMES[1] for r in rows], dtype=float),
         "grade": np.array([int(r["grade"]) for r in rows], dtype=int),
     }
-    return _read_json(out / "metrics.json"), preds
+    return _read_json(out / METRICS_JSON), preds
 
 
 def _git_commit() -> str | None:
@@ -141,13 +144,11 @@ def build_card(run_dir: Path | str, data_dir: Path | str | None = None,
 
     ``study`` holds the search facts of ``study_facts`` when the run is a study's fine-tuned model.
     """
-    from drtune.prepare import load_meta
-
     run = Path(run_dir)
     check_run(run)
-    cfg = _read_json(run / "config.json")
-    info = _read_json(run / "data.json")
-    run_metrics = _read_json(run / "metrics.json")
+    cfg = _read_json(run / CONFIG_JSON)
+    info = _read_json(run / DATA_JSON)
+    run_metrics = _read_json(run / METRICS_JSON)
     data = Path(data_dir or info["data_dir"])
     meta = load_meta(data)
     threshold = float(run_metrics["threshold"])
@@ -344,10 +345,10 @@ def render_html(card: dict[str, Any], images: dict[str, str | None]) -> str:
     tiles = "".join([
         tile("Sensitivity (RDR found)", _pct(t["sensitivity"]), f"{tp}/{tp + fn} · 95% CI {_ci(ci.get('sensitivity'))}"),
         tile("Specificity (NRDR cleared)", _pct(t["specificity"]), f"{tn}/{tn + fp} · 95% CI {_ci(ci.get('specificity'))}"),
-        tile("AUC", "n/a" if t["auc"] is None else f"{t['auc']:.3f}", f"95% CI {_ci(ci.get('auc'), False)}"),
+        tile("AUC", fmt_or_na(t["auc"]), f"95% CI {_ci(ci.get('auc'), False)}"),
         tile("Balanced accuracy", f"{t['balanced_accuracy']:.3f}", f"95% CI {_ci(ci.get('balanced_accuracy'), False)}"),
     ])
-    metric_rows = [[k.replace("_", " "), f"{t[k]:.3f}" if t[k] is not None else "n/a",
+    metric_rows = [[k.replace("_", " "), fmt_or_na(t[k]),
                     _ci(ci.get(k), False), method.get(k, "bootstrap")]
                    for k in ("sensitivity", "specificity", "balanced_accuracy", "auc", "accuracy")]
 
@@ -473,14 +474,15 @@ def write_report(run_dir: Path | str, out_dir: Path | str, data_dir: Path | str 
         raise InputError(f"{out}: cannot create the report folder ({exc.strerror or exc})") from None
     # Links are relative to the report, so the report and the run can move together.
     card["gradcam_links"] = [os.path.relpath(p, out.resolve()) for p in card["gradcam"]]
-    tp_path = run / "eval-test" / "predictions.csv"
+    test_dir = eval_dir(run, "test")
+    tp_path = test_dir / PREDICTIONS_CSV
     with tp_path.open(newline="") as f:
         rows = list(csv.DictReader(f))
     y = [int(r["label"]) for r in rows]
     p = [float(r["p_rdr"]) for r in rows]
     images = {
-        "confusion_matrix": _png(run / "eval-test" / "confusion_matrix.png"),
-        "roc": _png(run / "eval-test" / "roc.png"),
+        "confusion_matrix": _png(test_dir / "confusion_matrix.png"),
+        "roc": _png(test_dir / "roc.png"),
         "reliability": _fig_png(metrics.plot_reliability(y, p, title=f"Reliability on test (n={len(y)})")),
         "history": _png(run / "history.png"),
     }

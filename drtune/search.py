@@ -31,7 +31,7 @@ from drtune.grid import (BUDGET_STATES, DuplicateTrial, StaleWatcher, StopWhenGr
                          grid_points, points_of, requeue_failed, running_points, untouched_points,
                          waiting_trials)
 from drtune.objective import Objective
-from drtune.prepare import load_meta
+from drtune.runs import load_meta
 from drtune.study import (artifact_dir, check_budget, create_study, redact, redact_config, storage_url,
                           study_name, worker_id)
 from drtune.train import resolve_data_dir

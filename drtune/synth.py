@@ -15,9 +15,6 @@ from __future__ import annotations
 
 import csv
 import math
-import os
-import shutil
-import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +23,7 @@ import cv2
 import numpy as np
 
 from drtune.errors import DrtuneError, InputError
+from drtune.runs import atomic_dir
 
 TRAIN_IMAGES = Path("1. Original Images/a. Training Set")
 TEST_IMAGES = Path("1. Original Images/b. Testing Set")
@@ -397,12 +395,11 @@ def make_synthetic(out: Path | str, n_train: int = 48, n_test: int = 12, width: 
     out = Path(out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise InputError(f"{out}: already exists and is not empty; choose another directory")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    tmp.chmod(0o755)  # mkdtemp makes it private (0700); the data set should be readable as usual
     total, done = n_train + n_test, 0
     grades: dict[str, list[int]] = {}
-    try:
+    # mkdtemp makes the folder private (0700); the data set should be readable as usual.
+    # os.replace (rename(2)) replaces an empty directory atomically; a non-empty one raced in fails.
+    with atomic_dir(out, mode=0o755) as tmp:
         for split, n in (("train", n_train), ("test", n_test)):
             images_dir, labels_csv, masks_dir = (tmp / p for p in SYNTH_LAYOUT[split])
             for p in (images_dir, labels_csv.parent, masks_dir):
@@ -426,9 +423,4 @@ def make_synthetic(out: Path | str, n_train: int = 48, n_test: int = 12, width: 
                 writer = csv.writer(fh, lineterminator="\n")
                 writer.writerow(LABEL_HEADER)
                 writer.writerows(rows)
-        # rename(2) replaces an empty directory atomically; a non-empty one raced in fails.
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return SynthSummary(root=out, n_train=n_train, n_test=n_test, grades=grades)

@@ -91,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
     from drtune.config import ModelConfig
     from drtune.data import train_dataset
     from drtune.model import build_model
-    from drtune.prepare import load_meta
+    from drtune.runs import load_meta
 
     with tempfile.TemporaryDirectory(prefix="bench-train-") as tmp:
         data = args.data or synthetic_data(Path(tmp))

@@ -12,7 +12,8 @@ import tensorflow as tf
 
 from drtune import data
 from drtune.errors import InputError
-from drtune.prepare import encode_jpeg, load_meta, write_shards
+from drtune.prepare import encode_jpeg, write_shards
+from drtune.runs import load_meta
 
 S = 64  # test image side
 
