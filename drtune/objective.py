@@ -40,7 +40,7 @@ def sample(trial: optuna.Trial, cfg: Config, grid: bool) -> Config:
     values: dict[str, Any] = {}
     if grid:
         for key, choices in cfg.search.grid.items():
-            values[key] = trial.suggest_categorical(key, choices)
+            values[key] = suggest_grid(trial, key, choices, isinstance(config_lib._get(cfg, key), int))
     else:
         for key, spec in cfg.search.space.items():
             if "choices" in spec:
@@ -54,6 +54,36 @@ def sample(trial: optuna.Trial, cfg: Config, grid: bool) -> Config:
         if not values:
             raise no_space(cfg, "[search.space]")
     return config_lib.replace(cfg, **values)
+
+
+def suggest_grid(trial: optuna.Trial, key: str, choices: list[Any], integer: bool) -> Any:
+    """The trial's grid value of ``key`` (GridSampler fixes it), suggested as a number when every
+    choice is one, so that the dashboard plots it on a numeric axis (log when the values are
+    positive and span a factor of 10 or more, or grow geometrically) instead of as unordered
+    categories. Studies that already recorded ``key`` as categorical keep it so: Optuna refuses
+    another distribution kind for a parameter of the same study."""
+    numeric = all(isinstance(c, (int, float)) and not isinstance(c, bool) for c in choices)
+    if not numeric or _recorded_as_categorical(trial, key):
+        return trial.suggest_categorical(key, choices)
+    low, high = min(choices), max(choices)
+    if integer and all(float(c).is_integer() for c in choices):
+        return trial.suggest_int(key, int(low), int(high), log=_log_axis(choices))
+    return trial.suggest_float(key, float(low), float(high), log=_log_axis(choices))
+
+
+def _log_axis(choices: list[float]) -> bool:
+    values = sorted(set(float(c) for c in choices))
+    if values[0] <= 0 or len(values) < 2:
+        return False
+    ratios = [b / a for a, b in zip(values, values[1:])]
+    return values[-1] / values[0] >= 10 or (len(ratios) > 1 and max(ratios) / min(ratios) < 1.01)
+
+
+def _recorded_as_categorical(trial: optuna.Trial, key: str) -> bool:
+    for t in trial.study.get_trials(deepcopy=False):
+        if key in t.distributions:
+            return isinstance(t.distributions[key], optuna.distributions.CategoricalDistribution)
+    return False
 
 
 # --------------------------------------------------------------------------- Keras callbacks
