@@ -1,4 +1,5 @@
-# drtune — `make demo` runs the pipeline on synthetic data, `make test` runs the test suite.
+# drtune — `make demo` runs the pipeline on synthetic data, `make test` runs the whole test suite,
+# `make test-fast` the tests that neither train nor start processes (the inner loop).
 # Both create the virtual environment in .venv on first use.
 
 PYTHON ?= python3
@@ -7,7 +8,7 @@ BIN     = $(VENV)/bin
 STAMP   = $(VENV)/.installed-stamp
 DEMO   ?= demo-work
 
-.PHONY: install demo test bench clean
+.PHONY: install demo test test-fast bench clean
 
 install: $(STAMP)
 
@@ -22,6 +23,9 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
+
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -q -m "not slow"
 
 bench: $(STAMP)
 	$(BIN)/python scripts/bench_prepare.py

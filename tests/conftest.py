@@ -1,11 +1,14 @@
-"""Shared fixtures: a small synthetic IDRiD-layout set and its prepared TFRecords, made once."""
+"""Shared fixtures and helpers: a small synthetic IDRiD-layout set and its prepared TFRecords
+(made once), a tiny trained run, the tiny study file of the search tests, ``../shared``."""
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
 
+import optuna
 import pytest
+from optuna.trial import TrialState
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
@@ -46,3 +49,65 @@ def run(prepared: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
                              "train.steps_per_epoch=4", "train.epochs=2"])
     train_and_evaluate(cfg, prepared, out)
     return out
+
+
+# --------------------------------------------------------------------------- search helpers
+
+TINY_STUDY = """\
+# drtune search --grid --config {path}   (test study, seconds)
+name = "tiny"
+
+[data]
+dir = "{data}"
+image_size = 32
+
+[model]
+width = 4
+
+[train]
+batch_size = 4
+epochs = {epochs}
+steps_per_epoch = 3
+eval_batch_size = 16
+checkpoint_every = 2
+
+[search]
+workdir = "{workdir}"
+pruner = "median"
+pruner_startup_trials = 1
+pruner_warmup_epochs = 0
+heartbeat_interval = 1
+grace_period = 2
+n_trials = 3
+
+[search.grid]
+"train.lr" = {lrs}
+
+[search.space]
+"train.lr" = {{ low = 1e-4, high = 1e-2, log = true }}
+"model.dropout" = {{ low = 0.0, high = 0.5 }}
+"data.augment" = {{ choices = ["none", "base"] }}
+
+[finetune]
+lr = 1e-5
+epochs = 2
+gradcam = 4
+"""
+
+
+def study_file(tmp_path: Path, data: Path, epochs: int = 3, lrs: str = "[3e-3, 1e30]") -> Path:
+    path = tmp_path / "tiny.toml"
+    path.write_text(TINY_STUDY.format(path=path, data=data, workdir=tmp_path / "runs", epochs=epochs, lrs=lrs))
+    return path
+
+
+SIX_POINTS = "[3e-3, 2e-3, 1e-3, 5e-4, 2e-4, 1e-4]"  # a grid of train.lr for several workers
+
+
+def check_grid_once(study: optuna.Study, points: list[float]) -> None:
+    """Every grid point exactly once among COMPLETE/PRUNED trials; nothing left running."""
+    states = [t.state for t in study.trials]
+    assert TrialState.RUNNING not in states and TrialState.WAITING not in states
+    finished = [t.params["train.lr"] for t in study.trials
+                if t.state in (TrialState.COMPLETE, TrialState.PRUNED)]
+    assert sorted(finished) == sorted(points)

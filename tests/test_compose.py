@@ -62,6 +62,7 @@ def test_dockerfile_builds_on_tensorflow_gpu() -> None:
     assert "pip install" in text and "COPY drtune" in text
 
 
+@pytest.mark.slow
 def test_docker_compose_config_validates(tmp_path: Path) -> None:
     exe = shutil.which("docker-compose")
     if exe is None:

@@ -19,6 +19,7 @@ from drtune.synth import TEST_IMAGES
 SAMPLES = shared_dir("fundus-samples")
 
 
+@pytest.mark.slow
 def test_evaluate_writes_report(run: Path, prepared: Path, capsys) -> None:
     assert main(["evaluate", str(run), "--split", "test", "--n-boot", "200"]) == 0
     assert "test: balanced accuracy" in capsys.readouterr().out
@@ -42,6 +43,7 @@ def test_evaluate_writes_report(run: Path, prepared: Path, capsys) -> None:
     assert decisions == [float(r["p_rdr"]) >= m["threshold"] for r in rows]
 
 
+@pytest.mark.slow
 def test_predict_matches_prepared_records(run: Path, synth_root: Path, tmp_path: Path) -> None:
     """Raw photo -> predict gives the same P(RDR) as the prepared record of that photo."""
     photos = sorted((synth_root / TEST_IMAGES).glob("*.jpg"))[:4]
@@ -58,6 +60,7 @@ def test_predict_matches_prepared_records(run: Path, synth_root: Path, tmp_path:
     assert set(written[0]) == {"name", "file", "p_rdr", "decision", "threshold", "error"}
 
 
+@pytest.mark.slow
 def test_predict_real_photos_and_unreadable_file(run: Path, tmp_path: Path) -> None:
     if not SAMPLES.is_dir():
         pytest.skip(f"{SAMPLES} absent")
@@ -74,6 +77,7 @@ def test_predict_real_photos_and_unreadable_file(run: Path, tmp_path: Path) -> N
         assert r["error"] == "" and 0.0 <= float(r["p_rdr"]) <= 1.0 and r["decision"] in ("NRDR", "RDR")
 
 
+@pytest.mark.slow
 def test_predict_creates_output_folder_and_gradcam_takes_images_anywhere(run: Path, synth_root: Path,
                                                                        tmp_path: Path) -> None:
     photo = sorted((synth_root / TEST_IMAGES).glob("*.jpg"))[0]
@@ -84,6 +88,7 @@ def test_predict_creates_output_folder_and_gradcam_takes_images_anywhere(run: Pa
     assert (tmp_path / "g" / "index.html").is_file()
 
 
+@pytest.mark.slow
 def test_bad_runs_and_splits(run: Path, prepared: Path, tmp_path: Path, capsys) -> None:
     assert main(["evaluate", str(run), "--n-boot", "0"]) == 2
     assert "--n-boot 0: must be >= 1" in capsys.readouterr().err
@@ -103,6 +108,7 @@ def test_bad_runs_and_splits(run: Path, prepared: Path, tmp_path: Path, capsys) 
         evaluate_run(run, no_test, "test")
 
 
+@pytest.mark.slow
 def test_data_prepared_differently_is_refused(run: Path, prepared: Path, synth_root: Path,
                                               tmp_path: Path, capsys) -> None:
     """evaluate and gradcam refuse a data folder prepared with other options than the run's:
@@ -145,6 +151,7 @@ def test_data_prepared_differently_is_refused(run: Path, prepared: Path, synth_r
     assert run_gradcam(run, tmp_path / "g-old", data_dir=old, split="train", n=2)["n"] == 2
 
 
+@pytest.mark.slow
 def test_predict_keeps_a_decompression_bomb_to_its_own_row(run: Path, synth_root: Path,
                                                            tmp_path: Path) -> None:
     from test_prepare import jpeg_claiming
@@ -159,6 +166,7 @@ def test_predict_keeps_a_decompression_bomb_to_its_own_row(run: Path, synth_root
         assert r["error"] == "" and 0.0 <= r["p_rdr"] <= 1.0
 
 
+@pytest.mark.slow
 def test_predict_to_stdout_is_proper_csv(run: Path, synth_root: Path, tmp_path: Path, capsys) -> None:
     photo = sorted((synth_root / TEST_IMAGES).glob("*.jpg"))[0]
     odd = tmp_path / 'left, "eye".jpg'
@@ -173,6 +181,7 @@ def test_predict_to_stdout_is_proper_csv(run: Path, synth_root: Path, tmp_path: 
     assert rows[1]["p_rdr"] == "" and "not an image" in rows[1]["error"]
 
 
+@pytest.mark.slow
 def test_evaluate_on_an_external_test_only_folder(run: Path, prepared: Path, synth_root: Path,
                                                   tmp_path: Path, capsys) -> None:
     """Another site's photographs, prepared without training images, are scored like the test

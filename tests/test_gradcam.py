@@ -104,6 +104,7 @@ def _links(index: Path) -> list[str]:
     return [unquote(m) for m in re.findall(r'(?:href|src)="([^"]+)"', index.read_text())]
 
 
+@pytest.mark.slow
 def test_gallery_of_a_split(run: Path, prepared: Path, tmp_path: Path) -> None:
     from drtune import data
 
@@ -154,6 +155,7 @@ def test_gallery_of_a_split(run: Path, prepared: Path, tmp_path: Path) -> None:
     assert errors_first == sorted(errors_first, reverse=True)
 
 
+@pytest.mark.slow
 def test_gallery_of_photos_with_an_unreadable_file(run: Path, synth_root: Path, tmp_path: Path) -> None:
     bad = tmp_path / "broken.jpg"
     bad.write_text("not a photograph")
@@ -208,6 +210,7 @@ def test_choose_errors_first_and_counts_the_split() -> None:
     assert pick == [2, 4, 1, 0]  # the most confident miss first, then the false positive
 
 
+@pytest.mark.slow
 def test_bad_input(run: Path, prepared: Path, tmp_path: Path) -> None:
     import keras
 
@@ -232,6 +235,7 @@ def test_bad_input(run: Path, prepared: Path, tmp_path: Path) -> None:
     assert not (tmp_path / "g3").exists()
 
 
+@pytest.mark.slow
 def test_cli_gradcam(run: Path, tmp_path: Path, capsys) -> None:
     from drtune.cli import build_parser, main
 

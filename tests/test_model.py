@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
 from drtune.config import ModelConfig
 from drtune.model import FEATURE_LAYER, build_model
@@ -37,6 +38,7 @@ def test_parametrised_variants() -> None:
     np.testing.assert_allclose(probs.sum(axis=1), 1.0, rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_narrow_model_trains_at_full_size_without_crashing() -> None:
     """Regression: TF 2.21's oneDNN strided 1x1 conv corrupted the heap below 16 channels."""
     import subprocess

@@ -21,9 +21,8 @@ import optuna
 import pytest
 from optuna.trial import TrialState
 
+from conftest import SIX_POINTS, check_grid_once, study_file
 from drtune.cli import main
-from test_search import study_file
-from test_workers import SIX_POINTS, check_grid_once
 
 PG_URL = os.environ.get("DRTUNE_TEST_PG", "postgresql+psycopg2://postgres@127.0.0.1:5432/test")
 ENV = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
@@ -59,6 +58,7 @@ def _search(path: Path, pg: str, name: str, *extra: str) -> list[str]:
             "--storage", pg, "--study", name, *extra]
 
 
+@pytest.mark.slow
 def test_three_workers_cover_the_grid_once(prepared: Path, tmp_path: Path, pg: str, study_name: str) -> None:
     path = study_file(tmp_path, prepared, epochs=2, lrs=SIX_POINTS)
     proc = subprocess.run(_search(path, pg, study_name, "--workers", "3"), env=ENV,
@@ -73,6 +73,7 @@ def test_three_workers_cover_the_grid_once(prepared: Path, tmp_path: Path, pg: s
     assert len(workers) >= 2
 
 
+@pytest.mark.slow
 def test_kill9_worker_trial_fails_over(prepared: Path, tmp_path: Path, pg: str, study_name: str) -> None:
     path = study_file(tmp_path, prepared, epochs=25, lrs="[3e-3, 1e-3, 5e-4]")
     procs = [subprocess.Popen(_search(path, pg, study_name), env=ENV, stdout=subprocess.DEVNULL,
@@ -135,6 +136,7 @@ LOAD_WORKER = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 def test_four_workers_forty_trials_nothing_lost(pg: str, study_name: str) -> None:
     optuna.create_study(study_name=study_name, storage=pg)
     t0 = time.monotonic()
@@ -166,6 +168,7 @@ def test_unreachable_or_wrong_database_names_host_not_password(capsys, pg: str) 
     assert err.startswith("drtune: error: storage ") and err.count("\n") == 1
 
 
+@pytest.mark.slow
 def test_sqlite_and_postgres_studies_look_alike(prepared: Path, tmp_path: Path, pg: str, study_name: str) -> None:
     """The same grid on both storages: same points, same states (tests parametrised over storages)."""
     path = study_file(tmp_path, prepared, epochs=2, lrs="[3e-3, 1e30]")
@@ -179,6 +182,7 @@ def test_sqlite_and_postgres_studies_look_alike(prepared: Path, tmp_path: Path, 
     assert json.dumps(sorted(t.params["train.lr"] for t in a)) == "[0.003, 1e+30]"
 
 
+@pytest.mark.slow
 def test_password_is_stored_and_printed_nowhere(prepared: Path, tmp_path: Path, pg: str, study_name: str) -> None:
     """A storage URL with a password given in --set (the server trusts every login, so any
     password connects): not in the study's attributes, config.json, artifacts, logs or hints."""

@@ -36,6 +36,7 @@ def _predictions(run: Path) -> list[dict[str, str]]:
         return list(csv.DictReader(f))
 
 
+@pytest.mark.slow
 def test_report_numbers_are_the_evaluation(card: tuple[Path, dict], fresh_run: Path) -> None:
     _, c = card
     m = json.loads((fresh_run / "eval-test" / "metrics.json").read_text())  # written by the report
@@ -58,6 +59,7 @@ def test_report_numbers_are_the_evaluation(card: tuple[Path, dict], fresh_run: P
     assert sum(b["n"] for b in c["calibration"]["bins"]) == m["n"]
 
 
+@pytest.mark.slow
 def test_sensitivity_target_point_is_chosen_on_validation(card: tuple[Path, dict], fresh_run: Path) -> None:
     ops = card[1]["operating_points"]
     with (fresh_run / "eval-val" / "predictions.csv").open(newline="") as f:
@@ -73,6 +75,7 @@ def test_sensitivity_target_point_is_chosen_on_validation(card: tuple[Path, dict
     assert target["sensitivity"] == pytest.approx(np.mean(test_rdr))
 
 
+@pytest.mark.slow
 def test_proportion_intervals_do_not_collapse(card: tuple[Path, dict]) -> None:
     ci = card[1]["test"]["ci95"]
     for k in ("sensitivity", "specificity", "accuracy"):
@@ -81,6 +84,7 @@ def test_proportion_intervals_do_not_collapse(card: tuple[Path, dict]) -> None:
     assert card[1]["test"]["ci_method"]["sensitivity"] == "Wilson"
 
 
+@pytest.mark.slow
 def test_per_grade_counts_add_up(card: tuple[Path, dict], fresh_run: Path, prepared: Path) -> None:
     c = card[1]
     meta = json.loads((prepared / "meta.json").read_text())["splits"]["test"]
@@ -97,6 +101,7 @@ def test_per_grade_counts_add_up(card: tuple[Path, dict], fresh_run: Path, prepa
         assert g["called_rdr"] == called, g
 
 
+@pytest.mark.slow
 def test_html_is_self_contained_and_shows_the_numbers(card: tuple[Path, dict]) -> None:
     out, c = card
     page = (out / "report.html").read_text()
@@ -114,6 +119,7 @@ def test_html_is_self_contained_and_shows_the_numbers(card: tuple[Path, dict]) -
     assert not list(out.glob(".*tmp"))  # atomic writes left no temp files
 
 
+@pytest.mark.slow
 def test_gradcam_gallery_is_linked(card: tuple[Path, dict], fresh_run: Path, tmp_path: Path) -> None:
     assert "No Grad-CAM gallery" in (card[0] / "report.html").read_text()
     gallery = fresh_run / "gradcam-test"
@@ -128,6 +134,7 @@ def test_gradcam_gallery_is_linked(card: tuple[Path, dict], fresh_run: Path, tmp
         shutil.rmtree(gallery)
 
 
+@pytest.mark.slow
 def test_report_of_a_study_finetuned_model(fresh_run: Path, tmp_path: Path) -> None:
     url = f"sqlite:///{tmp_path / 'optuna.db'}"
     study = optuna.create_study(study_name="s", storage=url, direction="maximize")

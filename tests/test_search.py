@@ -18,59 +18,13 @@ import pytest
 from optuna.artifacts import FileSystemArtifactStore, download_artifact, get_all_artifact_meta
 from optuna.trial import TrialState
 
+from conftest import study_file
 from drtune.cli import main
 from drtune.config import load_config
 from drtune.errors import InputError
 from drtune.finetune import finetune_best
 from drtune.search import search
 from drtune.study import artifact_dir, open_storage, storage_url
-
-TINY_STUDY = """\
-# drtune search --grid --config {path}   (test study, seconds)
-name = "tiny"
-
-[data]
-dir = "{data}"
-image_size = 32
-
-[model]
-width = 4
-
-[train]
-batch_size = 4
-epochs = {epochs}
-steps_per_epoch = 3
-eval_batch_size = 16
-checkpoint_every = 2
-
-[search]
-workdir = "{workdir}"
-pruner = "median"
-pruner_startup_trials = 1
-pruner_warmup_epochs = 0
-heartbeat_interval = 1
-grace_period = 2
-n_trials = 3
-
-[search.grid]
-"train.lr" = {lrs}
-
-[search.space]
-"train.lr" = {{ low = 1e-4, high = 1e-2, log = true }}
-"model.dropout" = {{ low = 0.0, high = 0.5 }}
-"data.augment" = {{ choices = ["none", "base"] }}
-
-[finetune]
-lr = 1e-5
-epochs = 2
-gradcam = 4
-"""
-
-
-def study_file(tmp_path: Path, data: Path, epochs: int = 3, lrs: str = "[3e-3, 1e30]") -> Path:
-    path = tmp_path / "tiny.toml"
-    path.write_text(TINY_STUDY.format(path=path, data=data, workdir=tmp_path / "runs", epochs=epochs, lrs=lrs))
-    return path
 
 
 def trials_by_lr(study: optuna.Study) -> dict[float, list[optuna.trial.FrozenTrial]]:
@@ -87,6 +41,7 @@ def grid_study(prepared: Path, tmp_path_factory: pytest.TempPathFactory) -> tupl
     return path, search(load_config(path), grid=True)
 
 
+@pytest.mark.slow
 def test_grid_runs_every_point_once_with_attrs_and_artifacts(grid_study) -> None:
     path, study = grid_study
     cfg = load_config(path)
@@ -117,6 +72,7 @@ def test_grid_runs_every_point_once_with_attrs_and_artifacts(grid_study) -> None
     assert sorted(p.name for p in hparams.iterdir()) == [f"trial-{t.number:04d}" for t in study.trials]
 
 
+@pytest.mark.slow
 def test_bad_learning_rate_is_pruned(grid_study) -> None:
     _, study = grid_study
     bad = trials_by_lr(study)[1e30][0]
@@ -124,6 +80,7 @@ def test_bad_learning_rate_is_pruned(grid_study) -> None:
     assert bad.user_attrs["epochs_run"] < 3
 
 
+@pytest.mark.slow
 def test_rerun_of_finished_grid_runs_nothing(grid_study) -> None:
     path, study = grid_study
     before = len(study.trials)
@@ -131,6 +88,7 @@ def test_rerun_of_finished_grid_runs_nothing(grid_study) -> None:
     assert len(again.trials) == before
 
 
+@pytest.mark.slow
 def test_status_lists_trials(grid_study, capsys) -> None:
     path, study = grid_study
     assert main(["status", "--config", str(path)]) == 0
@@ -140,6 +98,7 @@ def test_status_lists_trials(grid_study, capsys) -> None:
     assert "finetune: not run yet" in out
 
 
+@pytest.mark.slow
 def test_finetune_best_writes_test_metrics(grid_study, capsys) -> None:
     path, study = grid_study
     assert main(["finetune", "--best", "--config", str(path)]) == 0
@@ -154,12 +113,23 @@ def test_finetune_best_writes_test_metrics(grid_study, capsys) -> None:
     assert cfg["train"]["lr"] == 1e-5 and cfg["data"]["augment"] == "strong" and cfg["train"]["epochs"] == 2
     assert cfg["model"]["width"] == 4
     names = sorted(m.filename for m in get_all_artifact_meta(study))
-    assert "roc.png" in names and "confusion_matrix.png" in names
-    # Grad-CAM galleries: the fine-tuned model's on the study, the best trial's on the trial.
-    best = f"trial-{ft['trial']:04d}_"
+    # The result files first, named for the fine-tuned model, the model card among them.
+    for name in ("confusion_matrix.png", "roc.png", "reliability.png", "metrics.json", "report.html"):
+        assert f"finetuned_{name}" in names
+    # Grad-CAM galleries of both models, on the study (a finished trial takes no artifacts).
+    best = f"gradcam-trial-{ft['trial']:04d}_"
     assert not any(n.endswith("index.html") for n in names)  # its links would not resolve there
-    assert sum(n.startswith("finetuned_") and n.endswith(".png") for n in names) == 4
+    assert sum(n.startswith("gradcam-finetuned_") and n.endswith(".png") for n in names) == 4
     assert sum(n.startswith(best) and n.endswith(".png") for n in names) == 4
+    # The dashboard's view: a named objective, test numbers as attributes, and the note.
+    from optuna_dashboard import get_note
+
+    assert study.metric_names == ["val balanced accuracy"]
+    assert study.user_attrs["test_n"] == ft["test"]["n"]
+    assert study.user_attrs["test_balanced_accuracy"] == round(ft["test"]["balanced_accuracy"], 4)
+    note = get_note(study)
+    assert f"## Result: the fine-tuned model of trial {ft['trial']}" in note and "## Study `tiny`" in note
+    assert "**Operating points**" in note and note.count("](/artifacts/") >= 4
     assert Path(ft["gradcam"]["finetune"]).is_file() and Path(ft["gradcam"]["trial"]).is_file()
     assert main(["status", "--config", str(path)]) == 0
     assert f"finetune of trial {ft['trial']}: test balanced accuracy" in capsys.readouterr().out
@@ -169,6 +139,7 @@ def test_finetune_best_writes_test_metrics(grid_study, capsys) -> None:
         load_config(path))))) == len(names)
 
 
+@pytest.mark.slow
 def test_finetune_without_completed_trial(prepared: Path, tmp_path: Path, capsys) -> None:
     path = study_file(tmp_path, prepared, lrs="[1e30]")
     search(load_config(path), grid=True)
@@ -178,6 +149,7 @@ def test_finetune_without_completed_trial(prepared: Path, tmp_path: Path, capsys
         finetune_best(load_config(path), name="other")
 
 
+@pytest.mark.slow
 def test_tpe_search_runs_n_trials(prepared: Path, tmp_path: Path) -> None:
     path = study_file(tmp_path, prepared, epochs=2)
     study = search(load_config(path), grid=False, n_trials=2)
@@ -195,6 +167,7 @@ def _drtune(*args: str) -> list[str]:
     return [sys.executable, "-m", "drtune", *args]
 
 
+@pytest.mark.slow
 def test_killed_search_resumes_and_completes_grid(prepared: Path, tmp_path: Path) -> None:
     path = study_file(tmp_path, prepared, epochs=40, lrs="[3e-3, 1e-3]")
     cfg = load_config(path)
@@ -239,6 +212,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.slow
 def test_dashboard_on_a_busy_port_is_a_clear_error(grid_study, capsys) -> None:
     path, _ = grid_study
     with socket.socket() as busy:
@@ -249,6 +223,7 @@ def test_dashboard_on_a_busy_port_is_a_clear_error(grid_study, capsys) -> None:
     assert f"cannot serve on 127.0.0.1:{port}" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_dashboard_serves_the_study(grid_study) -> None:
     path, study = grid_study
     port = _free_port()
@@ -389,6 +364,7 @@ def test_redact_masks_every_password(url: str) -> None:
     assert "s3c" not in hint and "--set 'search.storage=postgresql" in hint
 
 
+@pytest.mark.slow
 def test_closing_hint_keeps_set_flags(grid_study, capsys) -> None:
     path, _ = grid_study
     workdir = load_config(path).search.workdir
@@ -410,6 +386,7 @@ def test_status_fails_a_dead_workers_trial(prepared: Path, tmp_path: Path, capsy
     assert "RUNNING" not in out and "FAIL" in out and "WAITING" in out  # failed and queued for retry
 
 
+@pytest.mark.slow
 def test_interrupted_grid_point_runs_again(prepared: Path, tmp_path: Path) -> None:
     """Ctrl-C mid-trial: one line, no traceback; the next search resumes the point and finishes it."""
     path = study_file(tmp_path, prepared, epochs=20, lrs="[3e-3]")
@@ -442,6 +419,7 @@ def test_interrupted_grid_point_runs_again(prepared: Path, tmp_path: Path) -> No
 
 
 @pytest.mark.parametrize("noticed_by", ["optuna", "owner token"])
+@pytest.mark.slow
 def test_stalled_worker_leaves_its_taken_over_trial(prepared: Path, tmp_path: Path, monkeypatch, caplog,
                                                     noticed_by: str) -> None:
     """A worker that comes back after its trial was failed as stale and handed to another worker
@@ -482,6 +460,7 @@ def test_stalled_worker_leaves_its_taken_over_trial(prepared: Path, tmp_path: Pa
     assert "Traceback" not in text and "Trial 0 failed" not in text
 
 
+@pytest.mark.slow
 def test_demo_keeps_everything_in_its_workdir(prepared: Path, tmp_path: Path, monkeypatch, capsys) -> None:
     """An exported $DRTUNE_STORAGE (a production database) is not the demo's: the demo uses its
     workdir's SQLite file, and prints no password."""

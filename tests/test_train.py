@@ -62,6 +62,7 @@ class Reporter(keras.callbacks.Callback):
         self.seen.append(epoch)
 
 
+@pytest.mark.slow
 def test_run_directory_contents(prepared: Path, tmp_path: Path) -> None:
     run = tmp_path / "run"
     result = train_and_evaluate(tiny("train.epochs=2", "train.checkpoint_every=2"), prepared, run)
@@ -94,6 +95,7 @@ def test_run_directory_contents(prepared: Path, tmp_path: Path) -> None:
     assert (run / "model.keras").stat().st_mtime == mtime
 
 
+@pytest.mark.slow
 def test_same_seed_same_run(prepared: Path, tmp_path: Path) -> None:
     a = train_and_evaluate(tiny("train.epochs=2"), prepared, tmp_path / "a")
     b = train_and_evaluate(tiny("train.epochs=2"), prepared, tmp_path / "b")
@@ -107,6 +109,7 @@ def test_same_seed_same_run(prepared: Path, tmp_path: Path) -> None:
     del c
 
 
+@pytest.mark.slow
 def test_other_config_in_same_run_dir_is_refused(prepared: Path, tmp_path: Path) -> None:
     run = tmp_path / "run"
     train_and_evaluate(tiny("train.epochs=1"), prepared, run)
@@ -114,6 +117,7 @@ def test_other_config_in_same_run_dir_is_refused(prepared: Path, tmp_path: Path)
         train_and_evaluate(tiny("train.epochs=1", "train.lr=0.1"), prepared, run)
 
 
+@pytest.mark.slow
 def test_resume_after_kill_matches_an_uninterrupted_run(prepared: Path, tmp_path: Path) -> None:
     run = tmp_path / "run"
     cmd = [sys.executable, "-m", "drtune", "train", "--data", str(prepared), "--out", str(run)]
@@ -144,6 +148,7 @@ def test_resume_after_kill_matches_an_uninterrupted_run(prepared: Path, tmp_path
     np.testing.assert_allclose(curves(run), curves(tmp_path / "whole"), rtol=1e-4)
 
 
+@pytest.mark.slow
 def test_interrupted_epoch_is_reported_again_and_early_stopping_keeps_its_patience(
         prepared: Path, tmp_path: Path) -> None:
     cfg = tiny("train.epochs=10", "train.patience=1")
@@ -163,6 +168,7 @@ def test_interrupted_epoch_is_reported_again_and_early_stopping_keeps_its_patien
     np.testing.assert_allclose(curves(run), curves(tmp_path / "whole"), rtol=1e-4)
 
 
+@pytest.mark.slow
 def test_a_run_taken_over_stops_without_writing(prepared: Path, tmp_path: Path) -> None:
     run = tmp_path / "run"
     cfg = tiny("train.epochs=4", "train.checkpoint_every=1")
@@ -236,6 +242,7 @@ def test_bad_seed_writes_nothing(prepared: Path, tmp_path: Path, capsys) -> None
     del rc
 
 
+@pytest.mark.slow
 def test_divergence_is_a_clear_error(prepared: Path, tmp_path: Path) -> None:
     with pytest.raises(TrainingDiverged, match="diverged.*train.lr=1e\\+30.*smaller learning rate"):
         train_and_evaluate(tiny("train.epochs=3", "train.lr=1e30"), prepared, tmp_path / "run")

@@ -61,6 +61,7 @@ def tta_run(prepared, tmp_path_factory: pytest.TempPathFactory):
     return out
 
 
+@pytest.mark.slow
 def test_evaluate_predict_and_gradcam_share_the_tta(tta_run, prepared, synth_root, tmp_path) -> None:
     """The run's TTA is applied by evaluate, predict and gradcam alike: same P(RDR) everywhere,
     and it is the mean of the plain model over the four flip views."""

@@ -10,15 +10,12 @@ from pathlib import Path
 
 import optuna
 import pytest
-from optuna.trial import TrialState
 
+from conftest import SIX_POINTS, check_grid_once, study_file
 from drtune.config import load_config
 from drtune.errors import InputError
 from drtune.study import storage_url
 from drtune.workers import parse_gpus, strip_worker_flags, worker_envs
-from test_search import study_file
-
-SIX_POINTS = "[3e-3, 2e-3, 1e-3, 5e-4, 2e-4, 1e-4]"
 
 
 def test_worker_environments() -> None:
@@ -38,15 +35,7 @@ def test_worker_environments() -> None:
     assert strip_worker_flags(argv) == ["search", "--grid", "--config", "x.toml"]
 
 
-def check_grid_once(study: optuna.Study, points: list[float]) -> None:
-    """Every grid point exactly once among COMPLETE/PRUNED trials; nothing left running."""
-    states = [t.state for t in study.trials]
-    assert TrialState.RUNNING not in states and TrialState.WAITING not in states
-    finished = [t.params["train.lr"] for t in study.trials
-                if t.state in (TrialState.COMPLETE, TrialState.PRUNED)]
-    assert sorted(finished) == sorted(points)
-
-
+@pytest.mark.slow
 def test_three_workers_share_a_sqlite_grid(prepared: Path, tmp_path: Path) -> None:
     path = study_file(tmp_path, prepared, epochs=2, lrs=SIX_POINTS)
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
@@ -62,6 +51,7 @@ def test_three_workers_share_a_sqlite_grid(prepared: Path, tmp_path: Path) -> No
     assert {t.user_attrs["cuda_visible_devices"] for t in ran} <= {"0", "1"}
 
 
+@pytest.mark.slow
 def test_two_tpe_workers_share_the_study_budget(prepared: Path, tmp_path: Path) -> None:
     """`search.n_trials` is the study's budget: two workers run 3 trials between them, not 3
     each, and do not start on the same point."""
