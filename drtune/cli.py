@@ -1,7 +1,7 @@
 """Command line: argparse subcommands, each a thin handler that calls one library function.
 
 Errors become one line ``drtune: error: ...`` with exit code 2 for bad usage, configuration or
-data and 1 for failures while running (DESIGN.md). Heavy modules (TensorFlow) are imported
+data and 1 for failures while running (docs/architecture.md). Heavy modules (TensorFlow) are imported
 inside the handlers so that ``drtune --help`` answers instantly.
 """
 

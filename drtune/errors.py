@@ -1,6 +1,6 @@
 """Error types that the command line turns into one-line messages and exit codes.
 
-Bad usage, configuration or data exits 2; a failure while running exits 1 (DESIGN.md).
+Bad usage, configuration or data exits 2; a failure while running exits 1 (docs/architecture.md).
 """
 
 from __future__ import annotations

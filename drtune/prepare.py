@@ -384,7 +384,7 @@ def split_train_val(
 
 
 def serialize_example(image: bytes, label: int, grade: int, name: str) -> bytes:
-    """One TFRecord example with the stable feature names of DESIGN.md."""
+    """One TFRecord example with the stable feature names of docs/architecture.md."""
     import tensorflow as tf
 
     feature = {
