@@ -62,7 +62,10 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     cfg = load_config(args.config, args.set or ())
     result = train_and_evaluate(cfg, args.data, args.out)
-    print(f"best validation balanced accuracy {result['val_balanced_accuracy']:.3f} "
+    # Runs finished before train.monitor existed have no "monitor"/"objective" keys.
+    monitor = result.get("monitor", "val_balanced_accuracy")
+    value = result.get("objective", result["val_balanced_accuracy"])
+    print(f"best {monitor.replace('_', ' ').replace('val ', 'validation ')} {value:.3f} "
           f"(epoch {result['best_epoch']}); run in {args.out}")
     return 0
 

@@ -74,11 +74,17 @@ class TrainConfig:
     # Test-time augmentation (drtune/tta.py) of the final model: the validation threshold,
     # evaluate, predict and gradcam all average over these views. none | flips | dihedral
     tta: str = "none"
+    # The per-epoch validation value that picks model.keras, drives early stopping and is the
+    # search's objective and pruning signal: balanced accuracy at threshold 0.5 (the original
+    # project), or AUC, which does not jump between 0.5 and 1.0 on a small validation split
+    # while the model's calibration settles.
+    monitor: str = "val_balanced_accuracy"
 
 
 OPTIMIZERS: tuple[str, ...] = ("adam", "adamw")
 SCHEDULES: tuple[str, ...] = ("constant", "cosine")
 TTA_MODES: tuple[str, ...] = ("none", "flips", "dihedral")  # see drtune/tta.py
+MONITORS: tuple[str, ...] = ("val_balanced_accuracy", "val_auc")
 PRUNERS: tuple[str, ...] = ("median", "hyperband", "successive_halving", "none")
 # Sections a search may vary; `search` and `finetune` themselves are not searchable.
 SEARCHABLE_SECTIONS: tuple[str, ...] = ("data", "model", "train")
@@ -159,6 +165,7 @@ _RULES: tuple[tuple[str, typing.Callable[[Any], bool], str], ...] = (
     ("train.warmup_epochs", lambda v: v >= 0, "must be >= 0"),
     ("train.label_smoothing", lambda v: 0.0 <= v < 0.5, "must be in [0, 0.5)"),
     ("train.tta", lambda v: v in TTA_MODES, f"must be one of {', '.join(TTA_MODES)}"),
+    ("train.monitor", lambda v: v in MONITORS, f"must be one of {', '.join(MONITORS)}"),
     ("name", lambda v: bool(v.strip()), "must not be empty"),
     ("search.workdir", lambda v: bool(v.strip()), "must not be empty"),
     ("search.pruner", lambda v: v in PRUNERS, f"must be one of {', '.join(PRUNERS)}"),

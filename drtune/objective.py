@@ -112,15 +112,15 @@ class PruneBeforeLastEpoch(KerasPruningCallback):
     """Optuna's Keras pruning callback, except at the last epoch: a trial that ran every epoch
     is complete, and pruning it then would only hide its result from ``finetune --best``."""
 
-    def __init__(self, trial: optuna.Trial, epochs: int) -> None:
-        super().__init__(trial, MONITOR)
-        self.optuna_trial, self.epochs = trial, epochs
+    def __init__(self, trial: optuna.Trial, epochs: int, monitor: str = MONITOR) -> None:
+        super().__init__(trial, monitor)
+        self.optuna_trial, self.epochs, self.monitor = trial, epochs, monitor
 
     def on_epoch_end(self, epoch: int, logs: dict[str, float] | None = None) -> None:
         if epoch + 1 < self.epochs:
             super().on_epoch_end(epoch, logs)
-        elif logs and logs.get(MONITOR) is not None:
-            self.optuna_trial.report(float(logs[MONITOR]), step=epoch)
+        elif logs and logs.get(self.monitor) is not None:
+            self.optuna_trial.report(float(logs[self.monitor]), step=epoch)
 
 
 # --------------------------------------------------------------------------- the trial
@@ -141,7 +141,7 @@ def _hparams(cfg: Config, name: str, trial: optuna.Trial, value: float, state: s
     logdir = Path(cfg.search.workdir) / name / "hparams" / f"trial-{trial.number:04d}"
     with tf.summary.create_file_writer(str(logdir)).as_default():
         hp.hparams({k: v for k, v in trial.params.items()}, trial_id=f"trial-{trial.number:04d}")
-        tf.summary.scalar(MONITOR, value, step=1)
+        tf.summary.scalar(cfg.train.monitor, value, step=1)
         tf.summary.text("state", state, step=1)
 
 
@@ -204,13 +204,13 @@ class Objective:
             trial.set_user_attr("cuda_visible_devices", os.environ["CUDA_VISIBLE_DEVICES"])
         logging.info("trial %d: %s -> %s", trial.number,
                      " ".join(f"{k}={v}" for k, v in trial.params.items()), run)
-        callbacks = [TrialAttrs(trial), PruneBeforeLastEpoch(trial, cfg.train.epochs)]
+        callbacks = [TrialAttrs(trial), PruneBeforeLastEpoch(trial, cfg.train.epochs, cfg.train.monitor)]
         try:
             result = train.train_and_evaluate(cfg, self.data_dir, run, callbacks=callbacks)
         except optuna.TrialPruned:
             last = trial.user_attrs.get("epochs_run", 0)
             self._artifacts(trial, run)
-            _hparams(self.cfg, self.name, trial, _last_value(run), "pruned")
+            _hparams(self.cfg, self.name, trial, _last_value(run, cfg.train.monitor), "pruned")
             logging.info("trial %d pruned after %d epoch(s)", trial.number, last)
             raise
         except train.TrainingDiverged as exc:
@@ -220,7 +220,8 @@ class Objective:
             _hparams(self.cfg, self.name, trial, float("nan"), "diverged")
             logging.warning("trial %d diverged; pruned", trial.number)
             raise optuna.TrialPruned(str(exc)) from None
-        value = float(result["val_balanced_accuracy"])
+        # The best per-epoch value of train.monitor (runs finished before it existed: balanced accuracy).
+        value = float(result.get("objective", result["val_balanced_accuracy"]))
         trial.set_user_attr("epochs_run", result["epochs_run"])
         trial.set_user_attr("best_epoch", result["best_epoch"])
         trial.set_user_attr("threshold", result["threshold"])
@@ -243,9 +244,9 @@ class Objective:
                                    run / runs.HISTORY_CSV, run / runs.CONFIG_JSON])
 
 
-def _last_value(run: Path) -> float:
+def _last_value(run: Path, monitor: str = MONITOR) -> float:
     try:
-        return float(train.read_history(run / runs.HISTORY_CSV)[-1][MONITOR])
+        return float(train.read_history(run / runs.HISTORY_CSV)[-1][monitor])
     except (OSError, IndexError, KeyError, ValueError):
         return float("nan")
 

@@ -33,7 +33,8 @@ from drtune.model import build_model, compile_model
 from drtune.tta import tta_model
 from drtune.prepare import load_meta
 
-MONITOR = "val_balanced_accuracy"  # what checkpoints, early stopping and pruning follow
+# The default of ``train.monitor``: what checkpoints, early stopping and pruning follow.
+MONITOR = "val_balanced_accuracy"
 LAST = "last.keras"  # the resume point, rewritten every epoch
 
 
@@ -182,32 +183,32 @@ class EpochLog(keras.callbacks.Callback):
 
 
 class BestModel(keras.callbacks.Callback):
-    """``model.keras``: the model of the best epoch by :data:`MONITOR`, replaced atomically.
+    """``model.keras``: the model of the best epoch by ``monitor``, replaced atomically.
 
     Keras' ``ModelCheckpoint`` writes the file in place, so a full disk or a kill mid-save left a
     truncated model where the good one was; this saves through :meth:`RunOwner.save` instead.
     """
 
-    def __init__(self, path: Path, owner: RunOwner, best: float = -math.inf) -> None:
+    def __init__(self, path: Path, owner: RunOwner, best: float = -math.inf, monitor: str = MONITOR) -> None:
         super().__init__()
-        self.path, self.owner, self.best = path, owner, best
+        self.path, self.owner, self.best, self.monitor = path, owner, best, monitor
 
     def on_epoch_end(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
-        current = (logs or {}).get(MONITOR)
+        current = (logs or {}).get(self.monitor)
         if current is not None and current > self.best:  # NaN never improves
             self.owner.save(self.model, self.path)
             self.best = float(current)
 
 
 class ResumableEarlyStopping(keras.callbacks.EarlyStopping):
-    """Keras' early stopping on :data:`MONITOR` whose patience survives a resume.
+    """Keras' early stopping on ``monitor`` whose patience survives a resume.
 
     Keras resets ``wait`` and ``best`` in ``on_train_begin``; a resumed run restores them from
     the checkpoint state, so it stops at the epoch the uninterrupted run would have stopped at.
     """
 
-    def __init__(self, patience: int, state: dict[str, Any] | None = None) -> None:
-        super().__init__(monitor=MONITOR, mode="max", patience=patience)
+    def __init__(self, patience: int, state: dict[str, Any] | None = None, monitor: str = MONITOR) -> None:
+        super().__init__(monitor=monitor, mode="max", patience=patience)
         self.resume_state = state or {}
 
     def on_train_begin(self, logs: dict[str, Any] | None = None) -> None:
@@ -272,9 +273,9 @@ def _trim_history(path: Path, epochs_done: int) -> list[dict[str, str]]:
     return rows
 
 
-def _best(rows: list[dict[str, str]]) -> tuple[int, float]:
-    """(epoch index, value) of the best validation balanced accuracy in history rows."""
-    values = [float(r.get(MONITOR, "nan") or "nan") for r in rows]
+def _best(rows: list[dict[str, str]], monitor: str = MONITOR) -> tuple[int, float]:
+    """(epoch index, value) of the best ``monitor`` value in history rows."""
+    values = [float(r.get(monitor, "nan") or "nan") for r in rows]
     if not values or all(math.isnan(v) for v in values):
         return -1, -math.inf
     i = int(np.nanargmax(values))
@@ -411,10 +412,10 @@ def train_and_evaluate(
         else:
             model = build_model(cfg.model, input_size)
         compile_model(model, cfg.train.lr, cfg.train, steps)
-    _, best_value = _best(history)
+    _, best_value = _best(history, cfg.train.monitor)
 
     epoch_log = EpochLog(cfg.train.epochs)
-    early_stopping = (ResumableEarlyStopping(cfg.train.patience, state.get("early_stopping"))
+    early_stopping = (ResumableEarlyStopping(cfg.train.patience, state.get("early_stopping"), cfg.train.monitor)
                       if cfg.train.patience else None)
     cbs = _callbacks(workdir, cfg, owner, val_ds, y_val, best_value, bool(history), epoch_log,
                      early_stopping, callbacks)
@@ -452,7 +453,7 @@ def _callbacks(workdir: Path, cfg: Config, owner: RunOwner, val_ds: tf.data.Data
         owner,
         ValidationMetrics(val_ds, y_val, workdir / "tensorboard" / "validation"),
         keras.callbacks.TerminateOnNaN(),
-        BestModel(workdir / "model.keras", owner, best_value),
+        BestModel(workdir / "model.keras", owner, best_value, cfg.train.monitor),
         keras.callbacks.CSVLogger(str(workdir / "history.csv"), append=resumed),
         keras.callbacks.TensorBoard(str(workdir / "tensorboard"), write_graph=False, profile_batch=0),
         epoch_log,
@@ -472,11 +473,15 @@ def _finish(cfg: Config, workdir: Path, data_dir: Path, meta: dict[str, Any], va
     # The threshold is frozen on the predictions evaluate/predict will make: with the TTA views.
     p_val = tta_model(best_model, cfg.train.tta).predict(val_ds, verbose=0)[:, 1]
     threshold = metrics.choose_threshold(y_val, p_val, cfg.train.threshold)
-    best_epoch, best_value = _best(history)
-    aucs = [float(r.get("val_auc") or "nan") for r in history]
+    best_epoch, best_value = _best(history, cfg.train.monitor)
+    at_best = next((r for r in history if int(r["epoch"]) == best_epoch), {})
     result = {
-        "val_balanced_accuracy": best_value,  # per-epoch value at threshold 0.5 (what pruning saw)
-        "val_auc": _finite(aucs[best_epoch]) if 0 <= best_epoch < len(aucs) else None,
+        # What the search optimises and pruning saw: the best per-epoch value of the monitor.
+        "monitor": cfg.train.monitor,
+        "objective": best_value,
+        # The best epoch's per-epoch values (balanced accuracy at threshold 0.5, AUC).
+        "val_balanced_accuracy": _finite(float(at_best.get("val_balanced_accuracy") or "nan")),
+        "val_auc": _finite(float(at_best.get("val_auc") or "nan")),
         "best_epoch": best_epoch + 1,
         "epochs_run": len(history),
         "threshold": threshold,
@@ -492,6 +497,6 @@ def _finish(cfg: Config, workdir: Path, data_dir: Path, meta: dict[str, Any], va
     except ValueError as exc:  # pragma: no cover - history exists at this point
         logging.warning("no learning-curve plot: %s", exc)
     write_json(workdir / "metrics.json", result)
-    logging.info("done in %.0fs: best val balanced accuracy %.3f at epoch %d; threshold %.3f",
-                 seconds, best_value, best_epoch + 1, threshold)
+    logging.info("done in %.0fs: best %s %.3f at epoch %d; threshold %.3f",
+                 seconds, cfg.train.monitor, best_value, best_epoch + 1, threshold)
     return result

@@ -58,3 +58,22 @@ def test_the_study_training_options_train_and_reload(prepared: Path, tmp_path: P
     saved = json.loads((tmp_path / "run" / "config.json").read_text())["train"]
     assert (saved["optimizer"], saved["schedule"], saved["tta"]) == ("adamw", "cosine", "flips")
     assert train_and_evaluate(cfg, prepared, tmp_path / "run")["threshold"] == result["threshold"]
+
+
+@pytest.mark.slow
+def test_auc_as_the_monitor_picks_the_best_auc_epoch(prepared: Path, tmp_path: Path) -> None:
+    """train.monitor=val_auc: model.keras is the best-AUC epoch and it is the run's objective."""
+    import csv
+
+    from drtune.train import train_and_evaluate
+
+    cfg = config_lib.load_config(None, ["model.width=4", "data.image_size=48", "train.batch_size=4",
+                                        "train.steps_per_epoch=4", "train.epochs=4", "train.monitor=val_auc"])
+    result = train_and_evaluate(cfg, prepared, tmp_path / "run")
+    with (tmp_path / "run" / "history.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    aucs = [float(r["val_auc"]) for r in rows]
+    assert result["monitor"] == "val_auc" and result["objective"] == pytest.approx(max(aucs))
+    assert result["best_epoch"] == aucs.index(max(aucs)) + 1  # the first epoch reaching the best
+    assert result["val_auc"] == pytest.approx(max(aucs))
+    assert result["val_balanced_accuracy"] == pytest.approx(float(rows[result["best_epoch"] - 1]["val_balanced_accuracy"]))
