@@ -43,7 +43,8 @@ _ENDPOINTS = "IDx-DR endpoints (sensitivity > 85%, specificity > 82.5%)"
 
 def _markers(key: str) -> tuple[str, str]:
     # Link reference definitions: valid Markdown that renders as nothing, unlike HTML comments,
-    # which a renderer without raw HTML may show as text.
+    # which a renderer without raw HTML may show as text. They cannot interrupt a paragraph, so
+    # each stands between blank lines (else the dashboard shows it as text).
     return f"[//]: # (drtune:{key})", f"[//]: # (drtune:{key}:end)"
 
 
@@ -52,7 +53,7 @@ def _split_note(body: str) -> tuple[dict[str, str], str]:
     sections: dict[str, str] = {}
     for key in SECTIONS:
         start, end = _markers(key)
-        m = re.search(re.escape(start) + r"\n(.*?)\n" + re.escape(end) + r"\n?", body, re.DOTALL)
+        m = re.search(re.escape(start) + r"\n+(.*?)\n+" + re.escape(end) + r"\n*", body, re.DOTALL)
         if m:
             sections[key] = m.group(1)
             body = body[:m.start()] + body[m.end():]
@@ -65,7 +66,7 @@ def set_section(study: optuna.Study, key: str, markdown: str) -> str:
         raise ValueError(f"note section {key!r}: must be one of {', '.join(SECTIONS)}")
     sections, rest = _split_note(get_note(study))
     sections[key] = markdown.strip("\n")
-    parts = ["\n".join((_markers(k)[0], sections[k], _markers(k)[1])) for k in SECTIONS if k in sections]
+    parts = ["\n\n".join((_markers(k)[0], sections[k], _markers(k)[1])) for k in SECTIONS if k in sections]
     body = "\n\n".join(parts + ([rest] if rest else [])) + "\n"
     save_note(study, body)
     return body
@@ -140,16 +141,18 @@ def _trial_counts(study: optuna.Study) -> str:
 
 
 def write_search_note(study: optuna.Study, cfg: Config, meta: Mapping[str, Any],
-                      data_dir: Path | str | None = None, grid: bool | None = None) -> str:
+                      data_dir: Path | str | None = None, grid: bool | None = None,
+                      monitor: str = "val_balanced_accuracy") -> str:
     """Write the "what this study is" section of the study note; return the whole note.
 
     ``meta``: the data folder's ``meta.json`` (counts per split and class). ``grid``: whether the
-    study runs ``[search.grid]`` (default: it has a grid and no TPE space). Called when a search
+    study runs ``[search.grid]`` (default: it has a grid and no TPE space). ``monitor``: the Keras
+    log key the trials return (named as ``name_objective`` names it). Called when a search
     starts and again at its end, when it also lists the trials so far and the best one.
     """
     s = cfg.search
     grid = bool(s.grid) and not s.space if grid is None else grid
-    monitor = objective_name(cfg.train.monitor)
+    monitor = objective_name(monitor)
     splits = meta.get("splits", {})
     rows = [[name, e.get("n", "?"), e.get("nrdr", "?"), e.get("rdr", "?")]
             for name, e in splits.items()]

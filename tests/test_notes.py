@@ -55,12 +55,12 @@ def _demo_like(tmp_path: Path) -> tuple[Path, optuna.Study]:
     path.write_text(DEMO_LIKE.format(path=path, data=tmp_path / "data", workdir=tmp_path / "runs"))
     cfg = load_config(path)
     study = create_study(cfg, grid=True)
-    notes.name_objective(study, cfg.train.monitor)
+    notes.name_objective(study, "val_balanced_accuracy")
     notes.write_search_note(study, cfg, META, tmp_path / "data", grid=True)
 
     def objective(trial: optuna.Trial) -> float:
         run = sample(trial, cfg, grid=True)
-        return 1.0 - abs(np.log10(run.train.lr) + 3) / 4 + run.train.batch_size / 100
+        return 0.75 - abs(np.log10(run.train.lr) + 3) / 8 + run.train.batch_size / 100
 
     study.optimize(objective)
     notes.write_search_note(study, cfg, META, tmp_path / "data", grid=True)
@@ -115,6 +115,9 @@ def test_note_sections_keep_the_users_text(tmp_path: Path) -> None:
     # Result first, then the study, then the user's text; markers render as nothing.
     assert body.index("the result") < body.index("the study, updated") < body.index("my own remark")
     assert "the study\n" not in body and body.count("drtune:search:end") == 1
+    # Every marker stands between blank lines: one inside a paragraph would show as text.
+    for line in (n for n, text in enumerate(body.splitlines()) if text.startswith("[//]: #")):
+        assert body.splitlines()[line - 1:line] in ([], [""]) and body.splitlines()[line + 1:line + 2] in ([], [""])
     with pytest.raises(ValueError, match="note section 'other'"):
         notes.set_section(study, "other", "x")
 
