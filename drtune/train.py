@@ -287,6 +287,12 @@ def _check_workdir(cfg_dict: dict[str, Any], workdir: Path) -> None:
     if not path.is_file():
         return
     old = json.loads(path.read_text())
+    try:
+        # A run written before a config key existed holds no value for it: read it back through
+        # the config, so a new key at its default still matches and the run resumes.
+        old = config_lib.to_dict(config_lib.from_dict(old, str(path)))
+    except InputError:
+        pass  # a key this version no longer knows: the comparison below names it
     if old != cfg_dict:
         flat_old, flat_new = _flatten(old), _flatten(cfg_dict)
         diff = sorted(k for k in flat_old.keys() | flat_new.keys() if flat_old.get(k) != flat_new.get(k))
