@@ -26,6 +26,7 @@ from optuna.artifacts import FileSystemArtifactStore
 from optuna.trial import FrozenTrial, TrialState
 
 from drtune import config as config_lib
+from drtune import notes
 from drtune.config import Config
 from drtune.grid import (BUDGET_STATES, DuplicateTrial, StaleWatcher, StopWhenGridTaken, TrialTakenOver,
                          grid_points, points_of, requeue_failed, running_points, untouched_points,
@@ -34,7 +35,7 @@ from drtune.objective import Objective
 from drtune.runs import load_meta
 from drtune.study import (artifact_dir, check_budget, create_study, redact, redact_config, storage_url,
                           study_name, worker_id)
-from drtune.train import resolve_data_dir
+from drtune.train import MONITOR, resolve_data_dir
 
 
 def search(cfg: Config, data_dir: Path | str | None = None, grid: bool = False,
@@ -48,7 +49,7 @@ def search(cfg: Config, data_dir: Path | str | None = None, grid: bool = False,
     """
     check_budget(n_trials, timeout)
     data = resolve_data_dir(cfg, data_dir).resolve()
-    load_meta(data)  # fail now, not in the first trial
+    meta = load_meta(data)  # fail now, not in the first trial
     name = study_name(cfg, name)
     study = create_study(cfg, grid, storage, name)
     _warn_if_config_changed(study, cfg)
@@ -56,6 +57,9 @@ def search(cfg: Config, data_dir: Path | str | None = None, grid: bool = False,
     public = redact_config(cfg)
     study.set_user_attr("config", config_lib.to_dict(public))
     study.set_user_attr("data_dir", str(data))
+    # What the dashboard shows first: the objective's name and what this study is.
+    notes.name_objective(study, MONITOR)
+    notes.write_search_note(study, public, meta, data, grid, MONITOR)
     artifacts = artifact_dir(cfg)
     artifacts.mkdir(parents=True, exist_ok=True)
     objective = Objective(public, data, grid, name, FileSystemArtifactStore(str(artifacts)))
@@ -69,6 +73,7 @@ def search(cfg: Config, data_dir: Path | str | None = None, grid: bool = False,
     with StaleWatcher(study, cfg.search.heartbeat_interval, objective):
         _loop(study, cfg, objective, grid, budget, timeout, started, callbacks)
     _summary(study, grid, cfg)
+    notes.write_search_note(study, public, meta, data, grid, MONITOR)  # now with trials and the best
     return study
 
 

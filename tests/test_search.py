@@ -113,12 +113,23 @@ def test_finetune_best_writes_test_metrics(grid_study, capsys) -> None:
     assert cfg["train"]["lr"] == 1e-5 and cfg["data"]["augment"] == "strong" and cfg["train"]["epochs"] == 2
     assert cfg["model"]["width"] == 4
     names = sorted(m.filename for m in get_all_artifact_meta(study))
-    assert "roc.png" in names and "confusion_matrix.png" in names
-    # Grad-CAM galleries: the fine-tuned model's on the study, the best trial's on the trial.
-    best = f"trial-{ft['trial']:04d}_"
+    # The result files first, named for the fine-tuned model, the model card among them.
+    for name in ("confusion_matrix.png", "roc.png", "reliability.png", "metrics.json", "report.html"):
+        assert f"finetuned_{name}" in names
+    # Grad-CAM galleries of both models, on the study (a finished trial takes no artifacts).
+    best = f"gradcam-trial-{ft['trial']:04d}_"
     assert not any(n.endswith("index.html") for n in names)  # its links would not resolve there
-    assert sum(n.startswith("finetuned_") and n.endswith(".png") for n in names) == 4
+    assert sum(n.startswith("gradcam-finetuned_") and n.endswith(".png") for n in names) == 4
     assert sum(n.startswith(best) and n.endswith(".png") for n in names) == 4
+    # The dashboard's view: a named objective, test numbers as attributes, and the note.
+    from optuna_dashboard import get_note
+
+    assert study.metric_names == ["val balanced accuracy"]
+    assert study.user_attrs["test_n"] == ft["test"]["n"]
+    assert study.user_attrs["test_balanced_accuracy"] == round(ft["test"]["balanced_accuracy"], 4)
+    note = get_note(study)
+    assert f"## Result: the fine-tuned model of trial {ft['trial']}" in note and "## Study `tiny`" in note
+    assert "**Operating points**" in note and note.count("](/artifacts/") >= 4
     assert Path(ft["gradcam"]["finetune"]).is_file() and Path(ft["gradcam"]["trial"]).is_file()
     assert main(["status", "--config", str(path)]) == 0
     assert f"finetune of trial {ft['trial']}: test balanced accuracy" in capsys.readouterr().out
