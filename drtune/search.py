@@ -35,7 +35,7 @@ from drtune.objective import Objective
 from drtune.runs import load_meta
 from drtune.study import (artifact_dir, check_budget, create_study, redact, redact_config, storage_url,
                           study_name, worker_id)
-from drtune.train import MONITOR, resolve_data_dir
+from drtune.train import resolve_data_dir
 
 
 def search(cfg: Config, data_dir: Path | str | None = None, grid: bool = False,
@@ -58,8 +58,8 @@ def search(cfg: Config, data_dir: Path | str | None = None, grid: bool = False,
     study.set_user_attr("config", config_lib.to_dict(public))
     study.set_user_attr("data_dir", str(data))
     # What the dashboard shows first: the objective's name and what this study is.
-    notes.name_objective(study, MONITOR)
-    notes.write_search_note(study, public, meta, data, grid, MONITOR)
+    notes.name_objective(study, cfg.train.monitor)
+    notes.write_search_note(study, public, meta, data, grid, cfg.train.monitor)
     artifacts = artifact_dir(cfg)
     artifacts.mkdir(parents=True, exist_ok=True)
     objective = Objective(public, data, grid, name, FileSystemArtifactStore(str(artifacts)))
@@ -73,7 +73,7 @@ def search(cfg: Config, data_dir: Path | str | None = None, grid: bool = False,
     with StaleWatcher(study, cfg.search.heartbeat_interval, objective):
         _loop(study, cfg, objective, grid, budget, timeout, started, callbacks)
     _summary(study, grid, cfg)
-    notes.write_search_note(study, public, meta, data, grid, MONITOR)  # now with trials and the best
+    notes.write_search_note(study, public, meta, data, grid, cfg.train.monitor)  # now with trials and the best
     return study
 
 
