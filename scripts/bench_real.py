@@ -210,7 +210,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     y = (grades >= 2).astype(int)
     folds = make_folds(names, y.tolist(), args.group_pattern, args.folds, args.seed)
     data_key = f"data-n{len(items)}-k{args.folds}-s{args.seed}-{size}px-{normalize}"
-    tag = args.tag or "run-" + "-".join(o.replace("=", "") for o in overrides) or "run-defaults"
+    # One run folder per experiment: the overrides name it (slashes would make sub-folders).
+    tag = args.tag or "run-" + ("-".join(o.replace("=", "").replace("/", "_") for o in overrides) or "defaults")
     print(f"bench_real: {len(items)} photographs ({int(y.sum())} RDR), {args.folds} folds by "
           f"{args.group_pattern!r}; config {args.config or 'defaults'} {' '.join(overrides)}; "
           f"prepared at {size}px, normalize={normalize}; finetune={'yes' if finetune else 'no'}", flush=True)
