@@ -239,11 +239,27 @@ def tpe_seed(sampler_seed: int, worker: str) -> int:
     return zlib.crc32(f"{sampler_seed}/{worker}".encode()) & 0x7FFFFFFF
 
 
+class GridSampler(optuna.samplers.GridSampler):
+    """Optuna's grid sampler, which also accepts the points ``grid.requeue_failed`` queues again.
+
+    A queued trial (``enqueue_trial``) carries fixed parameters and no ``grid_id`` system
+    attribute; Optuna's ``after_trial`` looks that attribute up whenever one unvisited point is
+    left, and the worker died with a ``KeyError`` at the end of a re-run interrupted point.
+    """
+
+    def after_trial(self, study: optuna.Study, trial: FrozenTrial, state: TrialState,
+                    values: Any) -> None:
+        if "grid_id" in study._storage.get_trial_system_attrs(trial._trial_id):
+            super().after_trial(study, trial, state, values)
+        elif not self._get_unvisited_grid_ids(study):
+            study.stop()
+
+
 def make_sampler(cfg: Config, grid: bool, worker: str | None = None) -> optuna.samplers.BaseSampler:
     """The grid sampler (one seed on every worker, or points are skipped), or TPE seeded per worker
     with ``constant_liar`` so that workers avoid the points that others are running."""
     if grid:
-        return optuna.samplers.GridSampler(grid_space(cfg), seed=cfg.search.sampler_seed)
+        return GridSampler(grid_space(cfg), seed=cfg.search.sampler_seed)
     seed = tpe_seed(cfg.search.sampler_seed, worker_id() if worker is None else worker)
     return optuna.samplers.TPESampler(seed=seed, constant_liar=True)
 

@@ -477,3 +477,33 @@ def test_demo_keeps_everything_in_its_workdir(prepared: Path, tmp_path: Path, mo
     assert (work / "runs" / "optuna.db").is_file()
     out = capsys.readouterr()
     assert "hunter2" not in out.out + out.err and f"--storage sqlite:///{work / 'runs'}" in out.out
+
+
+def test_grid_sampler_accepts_a_requeued_point_when_one_point_is_left() -> None:
+    """A re-queued grid point (enqueue_trial: no grid_id) finishing while one point is still
+    unvisited: Optuna's own GridSampler dies with KeyError 'grid_id'; ours carries on."""
+    import logging as std_logging
+
+    import optuna
+
+    from drtune.study import GridSampler
+
+    optuna.logging.set_verbosity(std_logging.ERROR)
+    space = {"x": [1.0, 2.0]}
+    for cls, ok in ((optuna.samplers.GridSampler, False), (GridSampler, True)):
+        study = optuna.create_study(sampler=cls(space, seed=0))
+        first = study.ask()
+        first.suggest_float("x", 1.0, 2.0)
+        study.tell(first, state=optuna.trial.TrialState.FAIL)  # interrupted: counted as visited
+        study.enqueue_trial({"x": first.params["x"]})
+
+        def objective(trial: optuna.Trial) -> float:
+            return trial.suggest_float("x", 1.0, 2.0)
+
+        if not ok:
+            with pytest.raises(KeyError, match="grid_id"):
+                study.optimize(objective, n_trials=3)
+            continue
+        study.optimize(objective, n_trials=3)
+        done = [t.params["x"] for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+        assert sorted(done) == [1.0, 2.0]  # the re-queued point and the last unvisited one
