@@ -17,6 +17,7 @@ from typing import Callable, Sequence
 from absl import logging
 
 from drtune import __version__
+from drtune.config import NORMALIZATIONS
 from drtune.errors import DrtuneError, InputError
 from drtune.runs import SPLITS, eval_dir
 
@@ -262,7 +263,7 @@ def _add_prepare(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--on-error", choices=("fail", "skip"), default="fail",
                    help="on bad input: report all problems and write nothing (fail, default), "
                         "or leave bad items out and list them in meta.json (skip)")
-    p.add_argument("--normalize", choices=("none", "graham"), default=None,
+    p.add_argument("--normalize", choices=NORMALIZATIONS, default=None,
                    help="optional colour normalisation (graham: local-average subtraction; "
                         "default: the study's data.normalize, else none)")
     p.add_argument("--jpeg-quality", type=int, default=95, help="JPEG quality of crops (default 95)")

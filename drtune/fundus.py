@@ -14,9 +14,8 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 
+from drtune.config import NORMALIZATIONS  # one home for the names; config is pure Python
 from drtune.errors import InputError
-
-NORMALIZATIONS: tuple[str, ...] = ("none", "graham")
 
 # Detection runs on a copy whose longer side is at most this: the circle is still located to
 # well under 1% of its radius, and the cost no longer depends on the camera's resolution.
