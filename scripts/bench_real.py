@@ -126,6 +126,11 @@ def run_fold(cfg: config_lib.Config, data: Path, run_dir: Path, finetune: bool) 
     from drtune.evaluate import evaluate_run
     from drtune.train import train_and_evaluate
 
+    final = run_dir / "finetune" if finetune else run_dir
+    if (final / "eval-test" / "metrics.json").is_file():
+        # A finished fold (e.g. run by another bench_real process with --only-folds) is reused,
+        # so folds run in parallel can be pooled by one last invocation over all of them.
+        return final, json.loads((final / "metrics.json").read_text())
     keras.backend.clear_session()
     result = train_and_evaluate(cfg, data, run_dir)
     final = run_dir

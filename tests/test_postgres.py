@@ -7,6 +7,7 @@ skip with the reason.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import signal
@@ -19,6 +20,7 @@ from pathlib import Path
 
 import optuna
 import pytest
+from optuna.storages import RDBStorage
 from optuna.trial import TrialState
 
 from conftest import SIX_POINTS, check_grid_once, study_file
@@ -26,6 +28,14 @@ from drtune.cli import main
 
 PG_URL = os.environ.get("DRTUNE_TEST_PG", "postgresql+psycopg2://postgres@127.0.0.1:5432/test")
 ENV = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
+
+
+@functools.cache
+def store(url: str) -> RDBStorage:
+    """One storage, so one connection pool, per URL for the whole module. A URL string makes
+    Optuna open a new pool on every call, and the tests that poll a study five times a second
+    ran the server out of connections ("too many clients already")."""
+    return RDBStorage(url)
 
 
 @pytest.fixture(scope="module")
@@ -48,7 +58,7 @@ def study_name(pg: str):
     name = f"drtune-test-{uuid.uuid4().hex[:10]}"
     yield name
     try:
-        optuna.delete_study(study_name=name, storage=pg)
+        optuna.delete_study(study_name=name, storage=store(pg))
     except KeyError:
         pass
 
@@ -64,7 +74,7 @@ def test_three_workers_cover_the_grid_once(prepared: Path, tmp_path: Path, pg: s
     proc = subprocess.run(_search(path, pg, study_name, "--workers", "3"), env=ENV,
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    study = optuna.load_study(study_name=study_name, storage=pg)
+    study = optuna.load_study(study_name=study_name, storage=store(pg))
     check_grid_once(study, [3e-3, 2e-3, 1e-3, 5e-4, 2e-4, 1e-4])
     workers = {t.user_attrs["worker"] for t in study.trials if "duplicate_of" not in t.user_attrs}
     print(f"3 workers, {len(study.trials)} trials for 6 grid points, "
@@ -84,7 +94,7 @@ def test_kill9_worker_trial_fails_over(prepared: Path, tmp_path: Path, pg: str, 
         while time.monotonic() < deadline and victim is None:
             time.sleep(0.2)
             try:
-                study = optuna.load_study(study_name=study_name, storage=pg)
+                study = optuna.load_study(study_name=study_name, storage=store(pg))
             except KeyError:  # the workers have not created the study yet
                 continue
             for t in study.get_trials(states=(TrialState.RUNNING,)):
@@ -98,7 +108,7 @@ def test_kill9_worker_trial_fails_over(prepared: Path, tmp_path: Path, pg: str, 
         t_kill = time.monotonic()
         failed_after = None
         while time.monotonic() - t_kill < 60:
-            state = optuna.load_study(study_name=study_name, storage=pg).trials[victim.number].state
+            state = optuna.load_study(study_name=study_name, storage=store(pg)).trials[victim.number].state
             if state == TrialState.FAIL:
                 failed_after = time.monotonic() - t_kill
                 break
@@ -114,7 +124,7 @@ def test_kill9_worker_trial_fails_over(prepared: Path, tmp_path: Path, pg: str, 
         for p in procs:
             if p.poll() is None:
                 p.kill()
-    study = optuna.load_study(study_name=study_name, storage=pg)
+    study = optuna.load_study(study_name=study_name, storage=store(pg))
     check_grid_once(study, [3e-3, 1e-3, 5e-4])
     retry = next(t for t in study.trials if t.number > victim.number and t.params == victim.params
                  and t.state in (TrialState.COMPLETE, TrialState.PRUNED))
@@ -138,14 +148,14 @@ LOAD_WORKER = textwrap.dedent("""
 
 @pytest.mark.slow
 def test_four_workers_forty_trials_nothing_lost(pg: str, study_name: str) -> None:
-    optuna.create_study(study_name=study_name, storage=pg)
+    optuna.create_study(study_name=study_name, storage=store(pg))
     t0 = time.monotonic()
     procs = [subprocess.Popen([sys.executable, "-c", LOAD_WORKER, study_name, pg], stderr=subprocess.PIPE,
                               text=True) for _ in range(4)]
     for p in procs:
         assert p.wait(timeout=300) == 0, p.stderr.read()[-2000:] if p.stderr else ""
     seconds = time.monotonic() - t0
-    trials = optuna.load_study(study_name=study_name, storage=pg).trials
+    trials = optuna.load_study(study_name=study_name, storage=store(pg)).trials
     assert len(trials) == 40
     assert sorted(t.number for t in trials) == list(range(40))
     assert len({t._trial_id for t in trials}) == 40
@@ -176,7 +186,7 @@ def test_sqlite_and_postgres_studies_look_alike(prepared: Path, tmp_path: Path, 
         proc = subprocess.run(_search(path, storage, study_name), env=ENV, capture_output=True,
                               text=True, timeout=300)
         assert proc.returncode == 0, proc.stderr[-3000:]
-    a = optuna.load_study(study_name=study_name, storage=pg).trials
+    a = optuna.load_study(study_name=study_name, storage=store(pg)).trials
     b = optuna.load_study(study_name=study_name, storage=f"sqlite:///{tmp_path / 'alike.db'}").trials
     assert sorted((t.params["train.lr"], t.state) for t in a) == sorted((t.params["train.lr"], t.state) for t in b)
     assert json.dumps(sorted(t.params["train.lr"] for t in a)) == "[0.003, 1e+30]"
@@ -195,7 +205,7 @@ def test_password_is_stored_and_printed_nowhere(prepared: Path, tmp_path: Path, 
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "hunter2" not in proc.stdout + proc.stderr
     assert "drtune status" in proc.stdout and "--set 'search.storage=postgresql+psycopg2://postgres:***@" in proc.stdout
-    study = optuna.load_study(study_name=study_name, storage=pg)
+    study = optuna.load_study(study_name=study_name, storage=store(pg))
     assert "hunter2" not in json.dumps(study.user_attrs) + json.dumps([t.user_attrs for t in study.trials])
     assert study.user_attrs["config"]["search"]["storage"].startswith("postgresql+psycopg2://postgres:***@")
     leaks = [f for f in (tmp_path / "runs").rglob("*") if f.is_file() and b"hunter2" in f.read_bytes()]
@@ -219,7 +229,7 @@ def test_killed_and_interrupted_workers_leave_a_complete_grid(prepared: Path, tm
         while time.monotonic() < deadline and len(victims) < 2:
             time.sleep(0.2)
             try:
-                study = optuna.load_study(study_name=study_name, storage=pg)
+                study = optuna.load_study(study_name=study_name, storage=store(pg))
             except KeyError:  # the workers have not created the study yet
                 continue
             victims = []
@@ -245,7 +255,7 @@ def test_killed_and_interrupted_workers_leave_a_complete_grid(prepared: Path, tm
         for p in procs:
             if p.poll() is None:
                 p.kill()
-    study = optuna.load_study(study_name=study_name, storage=pg)
+    study = optuna.load_study(study_name=study_name, storage=store(pg))
     check_grid_once(study, [3e-3, 2e-3, 1e-3, 5e-4, 2e-4, 1e-4])
     for victim in victims:
         redo = [t for t in study.trials if t.params == victim.params and t.number != victim.number
