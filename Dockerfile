@@ -1,5 +1,8 @@
-# The drtune worker/dashboard image, on TensorFlow's GPU image (CUDA and cuDNN included).
-FROM tensorflow/tensorflow:2.21.0-gpu
+# The drtune worker/dashboard image, on TensorFlow's GPU image (CUDA and cuDNN included) by
+# default; --build-arg BASE_IMAGE=tensorflow/tensorflow:2.21.0 builds the smaller CPU-only image
+# (docker-compose.yml passes DRTUNE_BASE_IMAGE from .env).
+ARG BASE_IMAGE=tensorflow/tensorflow:2.21.0-gpu
+FROM ${BASE_IMAGE}
 
 ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 TF_CPP_MIN_LOG_LEVEL=2
 WORKDIR /work

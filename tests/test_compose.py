@@ -24,7 +24,7 @@ def compose() -> dict:
 
 def test_services_and_safety(compose: dict) -> None:
     services = compose["services"]
-    assert set(services) == {"postgres", "dashboard", "prepare", "worker"}
+    assert set(services) == {"postgres", "dashboard", "prepare", "worker", "worker-cpu"}
     pg = services["postgres"]
     assert "pgdata:/var/lib/postgresql/data" in pg["volumes"] and "pgdata" in compose["volumes"]
     assert "pg_isready" in " ".join(pg["healthcheck"]["test"])
@@ -32,9 +32,10 @@ def test_services_and_safety(compose: dict) -> None:
     for name, svc in services.items():
         for port in svc.get("ports", []):
             assert str(port).startswith("127.0.0.1:"), f"{name} publishes {port} beyond loopback"
-    for name in ("dashboard", "prepare", "worker"):
+    for name in ("dashboard", "prepare", "worker", "worker-cpu"):
         svc = services[name]
-        assert svc["image"] == "drtune:latest" and svc["build"] == "."
+        assert svc["image"] == "drtune:latest"
+        assert svc["build"] == {"context": ".", "args": {"BASE_IMAGE": "${DRTUNE_BASE_IMAGE}"}}
         assert svc["environment"]["DRTUNE_STORAGE"].startswith("postgresql+psycopg2://${POSTGRES_USER}:")
         assert "runs:/work/runs" in svc["volumes"]  # one artifact store for workers and dashboard
         assert svc["depends_on"]["postgres"]["condition"] == "service_healthy"
@@ -43,6 +44,12 @@ def test_services_and_safety(compose: dict) -> None:
     device = worker["deploy"]["resources"]["reservations"]["devices"][0]
     assert device["capabilities"] == ["gpu"] and device["count"] == 1
     assert worker["command"][:3] == ["drtune", "search", "--grid"]
+    # Workers only start in their profile: a plain `up` on a machine without a GPU must not
+    # ask for one; the CPU worker runs the same search without the device reservation.
+    cpu = services["worker-cpu"]
+    assert worker["profiles"] == ["gpu"] and cpu["profiles"] == ["cpu"]
+    assert cpu["command"] == worker["command"] and cpu["deploy"]["replicas"] == "${WORKERS}"
+    assert "resources" not in cpu["deploy"] and cpu["environment"]["CUDA_VISIBLE_DEVICES"] == ""
     assert services["dashboard"]["command"][:2] == ["drtune", "dashboard"]
     assert services["prepare"]["profiles"] == ["prepare"]
 
@@ -56,9 +63,14 @@ def test_env_example_defines_every_variable() -> None:
     assert ".env" in (REPO / ".gitignore").read_text().split()
 
 
-def test_dockerfile_builds_on_tensorflow_gpu() -> None:
+def test_dockerfile_builds_on_tensorflow_gpu_or_cpu() -> None:
     text = (REPO / "Dockerfile").read_text()
-    assert re.search(r"^FROM tensorflow/tensorflow:[\d.]+-gpu$", text, re.M)
+    assert re.search(r"^ARG BASE_IMAGE=tensorflow/tensorflow:[\d.]+-gpu$", text, re.M)
+    assert re.search(r"^FROM \$\{BASE_IMAGE\}$", text, re.M)
+    gpu = re.search(r"^ARG BASE_IMAGE=(\S+)$", text, re.M).group(1)
+    env = (REPO / ".env.example").read_text()
+    assert f"DRTUNE_BASE_IMAGE={gpu}" in env.splitlines()  # .env.example keeps the default
+    assert re.search(re.escape(gpu.removesuffix("-gpu")) + r"\s", env)  # and names the CPU image
     assert "pip install" in text and "COPY drtune" in text
 
 
@@ -73,4 +85,6 @@ def test_docker_compose_config_validates(tmp_path: Path) -> None:
     assert proc.returncode == 0, proc.stderr
     resolved = yaml.safe_load(proc.stdout)
     assert resolved["services"]["worker"]["deploy"]["replicas"] == 2
+    assert resolved["services"]["worker-cpu"]["deploy"] == {"replicas": 2}
+    assert resolved["services"]["worker"]["build"]["args"]["BASE_IMAGE"].endswith("-gpu")
     assert resolved["services"]["dashboard"]["ports"][0].startswith("127.0.0.1:8080:8080")
