@@ -22,6 +22,7 @@ else:  # pragma: no cover - Python 3.10
     import tomli as tomllib
 
 from drtune.errors import InputError
+from drtune.runs import prepared_differences
 
 AUGMENT_LEVELS: tuple[str, ...] = ("none", "base", "strong")
 NORMALIZATIONS: tuple[str, ...] = ("none", "graham")  # what `prepare --normalize` accepts
@@ -426,14 +427,18 @@ def finetune_config(cfg: Config) -> Config:
     return replace(cfg, **{"train.lr": ft.lr, "train.epochs": ft.epochs, "data.augment": ft.augment})
 
 
+# The study keys that ask for a `prepare` option (meta.json key -> data.KEY); 0 / "" ask for none.
+_PREPARE_KEYS: dict[str, str] = {"size": "prepare_size", "normalize": "normalize"}
+
+
 def check_prepared(cfg: Config, meta: Mapping[str, Any], data_dir: Path | str) -> None:
     """Refuse data prepared otherwise than the study expects (``data.prepare_size``,
     ``data.normalize``): the model would train and report on inputs it was not designed for."""
-    found = {"prepare_size": int(meta.get("size", 0)), "normalize": meta.get("normalize", "none")}
-    flags = {"prepare_size": "--size", "normalize": "--normalize"}
-    for key, have in found.items():
-        want = getattr(cfg.data, key)
-        if want and want != have:
-            raise InputError(f"{data_dir}: prepared with {flags[key]} {have} but the config wants "
-                             f"data.{key} = {want!r}; prepare it again with "
-                             f"'drtune prepare ... --config <study>' (or {flags[key]} {want})")
+    expected = {key: getattr(cfg.data, name) or None for key, name in _PREPARE_KEYS.items()}
+    diffs = prepared_differences(expected, meta)
+    if diffs:
+        raise InputError(f"{data_dir}: prepared with {' '.join(f'{d.flag} {d.found}' for d in diffs)} "
+                         "but the config wants "
+                         f"{', '.join(f'data.{_PREPARE_KEYS[d.key]} = {d.expected!r}' for d in diffs)}; "
+                         "prepare it again with 'drtune prepare ... --config <study>' "
+                         f"(or {' '.join(d.fix for d in diffs)})")

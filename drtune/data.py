@@ -21,7 +21,7 @@ import tensorflow as tf
 from absl import logging
 
 from drtune.errors import InputError
-from drtune.runs import CLASS_NAMES, load_meta
+from drtune.runs import CLASS_NAMES, META_JSON, TRAIN, load_meta
 
 AUGMENT_LEVELS: tuple[str, ...] = ("none", "base", "strong")
 
@@ -199,7 +199,7 @@ def _split_meta(data_dir: Path, split: str, meta: dict | None) -> tuple[dict, in
     """(split entry, image size, shard paths) with clear errors; empty split -> InputError."""
     meta = meta if meta is not None else load_meta(data_dir)
     if split not in meta["splits"]:
-        raise InputError(f"{data_dir}: no split {split!r} in meta.json "
+        raise InputError(f"{data_dir}: no split {split!r} in {META_JSON} "
                          f"(have {', '.join(meta['splits'])})")
     entry = meta["splits"][split]
     if not entry.get("n") or not entry.get("files"):
@@ -207,7 +207,7 @@ def _split_meta(data_dir: Path, split: str, meta: dict | None) -> tuple[dict, in
     files = [str(data_dir / f) for f in entry["files"]]
     for f in files:
         if not os.path.isfile(f):
-            raise InputError(f"{f}: shard listed in meta.json is missing")
+            raise InputError(f"{f}: shard listed in {META_JSON} is missing")
     return entry, int(meta["size"]), files
 
 
@@ -274,14 +274,6 @@ def _parse(raw: tf.Tensor) -> dict:
     return tf.io.parse_single_example(raw, _FEATURES)
 
 
-def decode_split(data_dir: Path | str, split: str, meta: dict | None = None) -> tf.data.Dataset:
-    """(image uint8 [S,S,3], label int32) of ``split``, unbatched, uncached, in meta order."""
-    data_dir = Path(data_dir)
-    entry, size, files = _split_meta(data_dir, split, meta)
-    ds = _records(files).map(_parse, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-    return _decoded(ds, size, None, entry["n"], False, "")[0].with_options(_options())
-
-
 def train_dataset(
     data_dir: Path | str,
     batch_size: int,
@@ -314,25 +306,25 @@ def train_dataset(
     if steps_per_epoch < 0 or initial_epoch < 0:
         raise InputError(f"steps per epoch {steps_per_epoch}, initial epoch {initial_epoch}: must be >= 0")
     data_dir = Path(data_dir)
-    entry, size, files = _split_meta(data_dir, "train", meta)
+    entry, size, files = _split_meta(data_dir, TRAIN, meta)
     parsed = _records(files).map(_parse, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     if balance:
-        counts = [int(entry["nrdr"]), int(entry["rdr"])]
+        counts = [int(entry[name.lower()]) for name in CLASS_NAMES]  # meta.json's nrdr, rdr
         for label, count in enumerate(counts):
             if count == 0:
-                raise InputError(f"{data_dir}: split 'train' has no {CLASS_NAMES[label]} "
+                raise InputError(f"{data_dir}: split {TRAIN!r} has no {CLASS_NAMES[label]} "
                                  "images; cannot balance classes (use balance=False)")
         branches = []
         for label, count in enumerate(counts):
             # Filter on the parsed label before decoding, so each JPEG is decoded once and each
             # class keeps its own cache (and a shuffle buffer as large as the class).
             ds = parsed.filter(lambda ex, lab=label: tf.equal(ex["label"], lab))
-            ds, buffer = _decoded(ds, size, image_size, count, cache, f"{data_dir}:train[{label}]")
+            ds, buffer = _decoded(ds, size, image_size, count, cache, f"{data_dir}:{TRAIN}[{label}]")
             branches.append(ds.shuffle(buffer, seed=seed + 1 + label).repeat())
         ds = tf.data.Dataset.sample_from_datasets(branches, weights=[0.5, 0.5], seed=seed)
         steps = math.ceil(2 * max(counts) / batch_size)
     else:
-        ds, buffer = _decoded(parsed, size, image_size, entry["n"], cache, f"{data_dir}:train")
+        ds, buffer = _decoded(parsed, size, image_size, entry["n"], cache, f"{data_dir}:{TRAIN}")
         ds = ds.shuffle(buffer, seed=seed + 1).repeat()
         steps = math.ceil(entry["n"] / batch_size)
     steps = steps_per_epoch or steps

@@ -18,6 +18,7 @@ from absl import logging
 
 from drtune import metrics
 from drtune.errors import InputError
+from drtune.runs import prepared_differences, prepared_options
 
 CLASS_NAMES = ("NRDR", "RDR")
 
@@ -49,24 +50,16 @@ def predictor(model: Any, run_dir: Path | str) -> Any:
     return tta_model(model, tta)
 
 
-# The `prepare` options a model is tied to: (key, flag, value an older meta.json/data.json
-# without the key implies). Pixels alone do not show these differences: a model evaluated on a
-# Graham-normalised copy, or on labels cut at another grade, gives wrong metrics without error.
-PREPARED_WITH: tuple[tuple[str, str, Any], ...] = (
-    ("size", "--size", None), ("normalize", "--normalize", "none"), ("rdr_grade", "--rdr-grade", 2))
-
-
 def check_data_matches_run(meta: dict[str, Any], info: dict[str, Any], data_dir: Path | str,
                            run_dir: Path | str) -> None:
-    """``InputError`` naming the first ``prepare`` option on which ``DATA/meta.json`` and the
-    run's ``data.json`` disagree (``PREPARED_WITH``); evaluate and gradcam call it before any work."""
-    for key, flag, default in PREPARED_WITH:
-        have, want = meta.get(key, default), info.get(key, default)
-        if default is None or isinstance(default, int):  # JSON may hold 256 or "256"
-            have, want = (None if v is None else int(v) for v in (have, want))
-        if have != want:
-            raise InputError(f"{data_dir}: prepared with {key}={have} but {run_dir} was trained on "
-                             f"{key}={want}; prepare it with {flag} {want}")
+    """``InputError`` naming each ``prepare`` option (``runs.PREPARED_WITH``) on which
+    ``DATA/meta.json`` and the run's ``data.json`` disagree; evaluate and gradcam call it before
+    any work, since such data decodes fine and only the metrics would be wrong."""
+    diffs = prepared_differences(prepared_options(info), meta)
+    if diffs:
+        raise InputError(f"{data_dir}: prepared with {', '.join(f'{d.key}={d.found}' for d in diffs)} "
+                         f"but {run_dir} was trained on {', '.join(f'{d.key}={d.expected}' for d in diffs)}; "
+                         f"prepare it with {' '.join(d.fix for d in diffs)}")
 
 
 def evaluate_run(run_dir: Path | str, data_dir: Path | str | None = None, split: str = "test",

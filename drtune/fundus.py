@@ -1,7 +1,7 @@
 """Retina-field detection, square crop with black padding, resize and optional normalisation.
 
 Pure numpy/OpenCV on in-memory arrays (no file IO, no TensorFlow), so ``prepare`` can call it
-from worker processes and tests can call it on synthetic arrays.
+from its worker threads (OpenCV releases the GIL) and tests can call it on synthetic arrays.
 
 Detection is channel-order agnostic (it thresholds the per-pixel maximum over channels), so
 BGR arrays from ``cv2.imread`` work too; the output keeps the channel order of the input.
@@ -99,45 +99,46 @@ def _robust_circle(x: np.ndarray, y: np.ndarray) -> tuple[float, float, float]:
     return cx, cy, r
 
 
-def find_field(image: np.ndarray, threshold: float | None = None) -> Field:
-    """Detect the circular retina field of a fundus photograph.
-
-    The per-pixel maximum over channels is thresholded between the border's and the field's
-    typical levels (found by Otsu's split), so dark, vignetted rims stay in the field while
-    JPEG noise in the black border stays out; ``threshold`` (0-255) overrides that level.
-    After a morphological clean-up the largest region (holes filled) is the field, and a robust
-    least-squares circle is fitted to its outline, ignoring points on the image border and on
-    straight cuts: when the camera clips the field top and bottom, the arcs still fix the circle.
-
-    Raises ``NoFieldError`` if the image is (nearly) uniform or the largest region covers less
-    than 5% of the image.
-    """
-    rgb = to_rgb(image)
+def _detection_copy(rgb: np.ndarray) -> tuple[np.ndarray, float]:
+    """``rgb`` shrunk to at most ``_DETECT_MAX_SIDE`` pixels a side, and the scale used, so that
+    detection costs the same whatever the camera's resolution."""
     h, w = rgb.shape[:2]
     scale = min(1.0, _DETECT_MAX_SIDE / max(h, w))
+    if scale == 1.0:
+        return rgb, scale
+    size = (max(1, round(w * scale)), max(1, round(h * scale)))
     small = rgb
-    if scale < 1.0:
-        size = (max(1, round(w * scale)), max(1, round(h * scale)))
-        if scale < 0.5:
-            # Area-averaging a 12-Mpixel photo costs ~30 ms; bilinear sampling to twice the
-            # target first keeps enough averaging to tame JPEG noise for ~1 ms.
-            small = cv2.resize(rgb, (2 * size[0], 2 * size[1]), interpolation=cv2.INTER_LINEAR)
-        small = cv2.resize(small, size, interpolation=cv2.INTER_AREA)
-    sh, sw = small.shape[:2]
-    level = cv2.medianBlur(cv2.max(cv2.max(small[:, :, 0], small[:, :, 1]), small[:, :, 2]), 3)
-    if threshold is None:
-        otsu, _ = cv2.threshold(level, 0, 255, cv2.THRESH_BINARY + cv2.THRESH_OTSU)
-        # Medians of the two classes, read off the cumulative histogram.
-        cum = np.cumsum(np.bincount(level.ravel(), minlength=256))
-        n_low = int(cum[int(otsu)])
-        if n_low == 0 or n_low == cum[-1]:
-            raise NoFieldError("no retina field found: the image is uniform")
-        bg = float(np.searchsorted(cum, n_low / 2.0))
-        fg = float(np.searchsorted(cum, n_low + (cum[-1] - n_low) / 2.0))
-        if fg - bg < _MIN_CONTRAST:
-            raise NoFieldError(f"no retina field found: too little contrast ({bg:.0f} vs {fg:.0f})")
-        # Close to the border level: fundus rims fall off to a fraction of the centre's brightness.
-        threshold = bg + 0.15 * (fg - bg)
+    if scale < 0.5:
+        # Area-averaging a 12-Mpixel photo costs ~30 ms; bilinear sampling to twice the
+        # target first keeps enough averaging to tame JPEG noise for ~1 ms.
+        small = cv2.resize(rgb, (2 * size[0], 2 * size[1]), interpolation=cv2.INTER_LINEAR)
+    return cv2.resize(small, size, interpolation=cv2.INTER_AREA), scale
+
+
+def _field_threshold(level: np.ndarray) -> float:
+    """A brightness level between the border's and the field's, from Otsu's split of ``level``.
+
+    Otsu's level itself would cut off dark, vignetted rims, so the threshold sits close to the
+    border's median instead: fundus rims fall off to a fraction of the centre's brightness.
+    """
+    otsu, _ = cv2.threshold(level, 0, 255, cv2.THRESH_BINARY + cv2.THRESH_OTSU)
+    # Medians of the two classes, read off the cumulative histogram.
+    cum = np.cumsum(np.bincount(level.ravel(), minlength=256))
+    n_low = int(cum[int(otsu)])
+    if n_low == 0 or n_low == cum[-1]:
+        raise NoFieldError("no retina field found: the image is uniform")
+    bg = float(np.searchsorted(cum, n_low / 2.0))
+    fg = float(np.searchsorted(cum, n_low + (cum[-1] - n_low) / 2.0))
+    if fg - bg < _MIN_CONTRAST:
+        raise NoFieldError(f"no retina field found: too little contrast ({bg:.0f} vs {fg:.0f})")
+    return bg + 0.15 * (fg - bg)
+
+
+def _field_outline(level: np.ndarray, threshold: float) -> np.ndarray:
+    """The outline of the largest bright region after a morphological clean-up (opening drops
+    specks of JPEG noise and text, closing fills vessels and notches); ``NoFieldError`` when it
+    is too small to be a retina."""
+    sh, sw = level.shape
     mask = (level > threshold).astype(np.uint8)
     k = max(3, (min(sh, sw) // 100) | 1)
     kernel = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (k, k))
@@ -151,6 +152,14 @@ def find_field(image: np.ndarray, threshold: float | None = None) -> Field:
     if area < _MIN_FIELD_FRACTION * sh * sw:
         raise NoFieldError(f"no retina field found: the largest bright region covers only "
                            f"{100 * area / (sh * sw):.1f}% of the image")
+    return contour
+
+
+def _outline_circle(contour: np.ndarray, shape: tuple[int, int]) -> tuple[float, float, float]:
+    """The field's circle (cx, cy, r in continuous coordinates) from its outline: a robust fit
+    to the rim where enough of it is visible, else the bounding box's circle."""
+    sh, sw = shape
+    area = cv2.contourArea(contour)
     bx, by, bw, bh = cv2.boundingRect(contour)
     xi, yi = contour[:, 0, 0], contour[:, 0, 1]
     # Outline on the image border is where the frame clipped the field, not its rim. Long
@@ -172,6 +181,29 @@ def find_field(image: np.ndarray, threshold: float | None = None) -> Field:
                 and bx <= fx <= bx + bw and by <= fy <= by + bh):
             # Outline pixels' centres lie half a pixel inside the field's edge.
             cx, cy, r = fx, fy, fr + 0.5
+    return cx, cy, r
+
+
+def find_field(image: np.ndarray, threshold: float | None = None) -> Field:
+    """Detect the circular retina field of a fundus photograph.
+
+    The per-pixel maximum over channels is thresholded between the border's and the field's
+    typical levels (found by Otsu's split), so dark, vignetted rims stay in the field while
+    JPEG noise in the black border stays out; ``threshold`` (0-255) overrides that level.
+    After a morphological clean-up the largest region (holes filled) is the field, and a robust
+    least-squares circle is fitted to its outline, ignoring points on the image border and on
+    straight cuts: when the camera clips the field top and bottom, the arcs still fix the circle.
+
+    Raises ``NoFieldError`` if the image is (nearly) uniform or the largest region covers less
+    than 5% of the image.
+    """
+    rgb = to_rgb(image)
+    h, w = rgb.shape[:2]
+    small, scale = _detection_copy(rgb)
+    level = cv2.medianBlur(cv2.max(cv2.max(small[:, :, 0], small[:, :, 1]), small[:, :, 2]), 3)
+    contour = _field_outline(level, _field_threshold(level) if threshold is None else threshold)
+    cx, cy, r = _outline_circle(contour, level.shape)
+    bx, by, bw, bh = cv2.boundingRect(contour)
     # Fitting used continuous coordinates (pixel i spans [i, i+1)), which scale linearly;
     # pixel indices are those minus half a pixel.
     return Field(

@@ -24,11 +24,16 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Iterator
 
+import cv2
 import numpy as np
 from absl import logging
+from PIL import Image, UnidentifiedImageError
+from sklearn.model_selection import train_test_split
 
 from drtune import __version__, runs
+from drtune.config import NORMALIZATIONS
 from drtune.errors import DrtuneError, InputError
+from drtune.fundus import NoFieldError, preprocess
 from drtune.labels import (
     LabelRow,
     Problem,
@@ -38,7 +43,11 @@ from drtune.labels import (
     match,
     read_labels,
 )
-from drtune.runs import SPLITS
+from drtune.runs import META_JSON, SPLITS, TEST, TRAIN, VAL
+
+# TensorFlow alone is imported inside the functions that write shards: `drtune prepare` checks
+# its options, reads the labels and decodes every photograph without it, so bad input is
+# refused before TensorFlow's start-up of several seconds.
 
 ON_ERROR: tuple[str, ...] = ("fail", "skip")
 # load_meta lives in runs.py; train.py, evaluate.py and gradcam.py still import it from here.
@@ -82,8 +91,7 @@ class PrepareOptions:
     overwrite: bool = False
 
     def validate(self) -> None:
-        from drtune.fundus import NORMALIZATIONS
-
+        """``InputError`` naming the flag (or field) of the first bad setting."""
         if not 32 <= self.size <= 4096:
             raise InputError(f"--size {self.size}: must be between 32 and 4096")
         if not 0.0 < self.val_fraction < 1.0:
@@ -100,8 +108,8 @@ class PrepareOptions:
             )
         if not 1 <= self.jpeg_quality <= 100:
             raise InputError(f"--jpeg-quality {self.jpeg_quality}: must be 1-100")
-        if self.shard_size < 1:
-            raise InputError(f"--shard-size {self.shard_size}: must be >= 1")
+        if self.shard_size < 1:  # no command-line flag: library callers and tests set it
+            raise InputError(f"PrepareOptions.shard_size {self.shard_size}: must be >= 1")
         compile_group_pattern(self.group_pattern)
 
 
@@ -189,8 +197,6 @@ def _reduce_flag(width: int, height: int, size: int) -> int:
     libjpeg scales by 1/2, 1/4 or 1/8 inside the IDCT, so a 4288x2848 photo decodes at 536x356
     several times faster than at full size — the main speed-up of ``prepare``.
     """
-    import cv2
-
     short = min(width, height)
     for factor, flag in ((8, cv2.IMREAD_REDUCED_COLOR_8), (4, cv2.IMREAD_REDUCED_COLOR_4),
                          (2, cv2.IMREAD_REDUCED_COLOR_2)):
@@ -224,15 +230,14 @@ def _jpeg_has_end(data: bytes) -> bool:
     return data.find(b"\xff\xd9", 2) != -1
 
 
-def decode_image(data: bytes, size: int, where: str = "image") -> np.ndarray:
-    """Decode image bytes to RGB uint8 at the smallest resolution that still serves ``size``.
+def decode_photo(data: bytes, size: int) -> np.ndarray:
+    """Decode a photograph's file bytes to RGB uint8 at the smallest resolution that still
+    serves ``size`` (not to be confused with ``data.decode_image``, which decodes a prepared
+    record's JPEG inside TensorFlow).
 
     Every way the bytes can be bad raises :class:`ImageError`, so that one hostile file (a
     truncated upload, a header claiming 30000x30000 pixels) stays that file's problem.
     """
-    import cv2
-    from PIL import Image, UnidentifiedImageError
-
     if not data:
         raise ImageError("file is empty")
     try:
@@ -259,20 +264,23 @@ def decode_image(data: bytes, size: int, where: str = "image") -> np.ndarray:
     return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
 
 
+def decode_image(data: bytes, size: int, where: str = "") -> np.ndarray:
+    """The former name of :func:`decode_photo`, kept for gradcam.py; ``where`` is unused."""
+    return decode_photo(data, size)
+
+
 def preprocess_file(path: Path | str, size: int = 256, normalize: str = "none") -> np.ndarray:
     """Read a photograph and apply exactly the ``prepare`` preprocessing; RGB uint8 size x size x 3.
 
     ``predict`` and ``gradcam`` call this on raw photographs so that a model always sees images
     prepared the way its training data was.
     """
-    from drtune.fundus import NoFieldError, preprocess
-
     path = Path(path)
     try:
         data = path.read_bytes()
     except OSError as exc:
         raise ImageError(f"cannot read file ({exc.strerror or exc})") from exc
-    rgb = decode_image(data, size, str(path))
+    rgb = decode_photo(data, size)
     try:
         return preprocess(rgb, size=size, normalize=normalize)
     except NoFieldError as exc:
@@ -281,8 +289,6 @@ def preprocess_file(path: Path | str, size: int = 256, normalize: str = "none") 
 
 def encode_jpeg(rgb: np.ndarray, quality: int) -> bytes:
     """RGB uint8 -> JPEG bytes (what the TFRecord ``image`` feature holds)."""
-    import cv2
-
     ok, buf = cv2.imencode(".jpg", cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR),
                            [int(cv2.IMWRITE_JPEG_QUALITY), int(quality)])
     if not ok:  # pragma: no cover - OpenCV only fails here on invalid arrays
@@ -307,8 +313,6 @@ def _process(jobs: list[tuple[str, int, str, int]], workers: int) -> Iterator[tu
     child deadlocking on OpenCV's or TensorFlow's thread pools; a spawned child re-running a
     script that lacks a ``__main__`` guard).
     """
-    import cv2
-
     # Each job is single-threaded inside OpenCV; parallelism comes from the pool alone, which
     # avoids nested thread pools oversubscribing the cores.
     previous = cv2.getNumThreads()
@@ -353,8 +357,6 @@ def split_train_val(
     train and val; a group counts as referable if any of its images is, which keeps the RDR
     share of both splits close to the whole set's.
     """
-    from sklearn.model_selection import train_test_split
-
     pattern = compile_group_pattern(group_pattern)
     groups: dict[str, list[LabelRow]] = {}
     for row in rows:
@@ -383,6 +385,10 @@ def split_train_val(
 # --------------------------------------------------------------------------- output
 
 
+# One example of a TFRecord shard: (JPEG crop, label 0 NRDR / 1 RDR, ICDR grade, image name).
+_Example = tuple[bytes, int, int, str]
+
+
 def serialize_example(image: bytes, label: int, grade: int, name: str) -> bytes:
     """One TFRecord example with the stable feature names of docs/architecture.md."""
     import tensorflow as tf
@@ -396,9 +402,7 @@ def serialize_example(image: bytes, label: int, grade: int, name: str) -> bytes:
     return tf.train.Example(features=tf.train.Features(feature=feature)).SerializeToString()
 
 
-def write_shards(
-    folder: Path, split: str, examples: list[tuple[bytes, int, int, str]], shard_size: int
-) -> list[str]:
+def write_shards(folder: Path, split: str, examples: list[_Example], shard_size: int) -> list[str]:
     """Write ``examples`` to ``split-XXXXX-of-YYYYY.tfrecord`` files; return their names."""
     import tensorflow as tf
 
@@ -417,6 +421,8 @@ def write_shards(
 
 @dataclass
 class _Plan:
+    """The graded photographs of one split, in the order they are written."""
+
     split: str
     rows: list[tuple[LabelRow, Path]] = field(default_factory=list)
 
@@ -427,55 +433,49 @@ def _bad_rows(problems: list[Problem]) -> set[str]:
 
 
 def _plan(source: Source, opts: PrepareOptions) -> tuple[list[_Plan], list[Problem]]:
+    """Every split's photographs, and every problem of the input, found before any decoding so
+    that ``--on-error fail`` can name them all at once."""
     if source.train_images is None or source.train_labels is None:
-        plans, problems = [_Plan("train"), _Plan("val")], []  # a test-only folder
+        plans, problems = [_Plan(TRAIN), _Plan(VAL)], []  # a test-only folder
     else:
         plans, problems = _plan_train(source.train_images, source.train_labels, opts)
-    test_plans, test_problems = _plan_test(source)
-    return plans + test_plans, problems + test_problems
+    if source.test_images is None or source.test_labels is None:
+        logging.warning("no test images given: the test split is empty")
+        return plans + [_Plan(TEST)], problems
+    test, test_problems = _plan_split(TEST, source.test_images, source.test_labels)
+    return plans + [test], problems + test_problems
+
+
+def _plan_split(split: str, images: Path, labels: Path) -> tuple[_Plan, list[Problem]]:
+    """The rows of a grade CSV matched to the files of an image folder, in CSV order.
+
+    A test CSV may have no rows (the test split is then empty); a training CSV may not. An
+    image whose row was already reported as bad is not reported again as having no row.
+    """
+    rows, problems = read_labels(labels, allow_empty=split == TEST)
+    if not rows and not problems:
+        logging.warning("%s has no rows: the %s split is empty", labels, split)
+        return _Plan(split), []
+    found, p = list_images(images)
+    problems += p
+    pairs, p = match(rows, found, labels, images, _bad_rows(problems))
+    return _Plan(split, pairs), problems + p
 
 
 def _plan_train(images: Path, labels: Path, opts: PrepareOptions) -> tuple[list[_Plan], list[Problem]]:
-    problems: list[Problem] = []
-    train_rows, p = read_labels(labels)
-    problems += p
-    train_images, p = list_images(images)
-    problems += p
-    train_pairs, p = match(train_rows, train_images, labels, images, _bad_rows(problems))
-    problems += p
-    if not train_pairs:
+    """The training photographs, with a validation split carved out (``split_train_val``)."""
+    whole, problems = _plan_split(TRAIN, images, labels)
+    if not whole.rows:
         raise InputError(f"{labels}: no row matches an image in {images}")
-    by_name = dict((row.name, (row, path)) for row, path in train_pairs)
-    tr, va = split_train_val([r for r, _ in train_pairs], opts.val_fraction, opts.rdr_grade,
+    by_name = {row.name: (row, path) for row, path in whole.rows}
+    tr, va = split_train_val([r for r, _ in whole.rows], opts.val_fraction, opts.rdr_grade,
                              opts.group_pattern, opts.seed)
     # Training examples are shuffled once on disk so that every shard mixes classes; the
     # input pipeline shuffles again at read time.
     rng = np.random.default_rng(opts.seed)
     tr_pairs = [by_name[r.name] for r in tr]
     tr_pairs = [tr_pairs[i] for i in rng.permutation(len(tr_pairs))]
-    return [_Plan("train", tr_pairs), _Plan("val", [by_name[r.name] for r in va])], problems
-
-
-def _plan_test(source: Source) -> tuple[list[_Plan], list[Problem]]:
-    problems: list[Problem] = []
-    plans: list[_Plan] = []
-    if source.test_images is not None and source.test_labels is not None:
-        test_rows, p_rows = read_labels(source.test_labels, allow_empty=True)
-        problems += p_rows
-        if test_rows or p_rows:
-            test_images, p = list_images(source.test_images)
-            problems += p
-            test_pairs, p = match(test_rows, test_images, source.test_labels, source.test_images,
-                                  _bad_rows(p_rows))
-            problems += p
-        else:
-            logging.warning("%s has no rows: the test split is empty", source.test_labels)
-            test_pairs = []
-        plans.append(_Plan("test", test_pairs))
-    else:
-        plans.append(_Plan("test", []))
-        logging.warning("no test images given: the test split is empty")
-    return plans, problems
+    return [_Plan(TRAIN, tr_pairs), _Plan(VAL, [by_name[r.name] for r in va])], problems
 
 
 def _dir_bytes(folder: Path) -> int:
@@ -499,10 +499,16 @@ def check_output(out: Path, source: Source, overwrite: bool) -> None:
         return
     if not out.is_dir():
         raise InputError(f"{out}: exists and is not a directory")
+    _check_replaceable(out, overwrite)
+
+
+def _check_replaceable(out: Path, overwrite: bool) -> None:
+    """An existing ``out`` is replaced only with ``--overwrite`` and only if it is an earlier
+    ``prepare`` output (or empty): checked before the work and again just before the swap."""
     if not overwrite:
         raise InputError(f"{out}: output directory already exists (use --overwrite to replace it)")
-    if not (out / runs.META_JSON).is_file() and any(out.iterdir()):
-        raise InputError(f"{out}: not a 'drtune prepare' output (no meta.json); --overwrite "
+    if not (out / META_JSON).is_file() and any(out.iterdir()):
+        raise InputError(f"{out}: not a 'drtune prepare' output (no {META_JSON}); --overwrite "
                          "replaces only those: remove it yourself or choose another --out")
 
 
@@ -530,11 +536,7 @@ def _is_tf_error(exc: BaseException) -> bool:
 def _install(tmp: Path, out: Path, overwrite: bool) -> None:
     """Move the finished ``tmp`` to ``out``; an old ``out`` is removed only after the swap."""
     if out.exists():
-        if not overwrite:  # re-checked: another process may have created it meanwhile
-            raise InputError(f"{out}: output directory already exists (use --overwrite to replace it)")
-        if not (out / runs.META_JSON).is_file() and any(out.iterdir()):
-            raise InputError(f"{out}: not a 'drtune prepare' output (no meta.json); --overwrite "
-                             "replaces only those: remove it yourself or choose another --out")
+        _check_replaceable(out, overwrite)  # again: another process may have created it meanwhile
         old = out.with_name(f".{out.name}.old-{os.getpid()}")
         os.replace(out, old)
         os.replace(tmp, out)
@@ -543,7 +545,7 @@ def _install(tmp: Path, out: Path, overwrite: bool) -> None:
         os.replace(tmp, out)
 
 
-def _write_output(tmp: Path, examples: dict[str, list[tuple[bytes, int, int, str]]],
+def _write_output(tmp: Path, examples: dict[str, list[_Example]],
                   problems: list[Problem], source: Source, opts: PrepareOptions) -> dict[str, Any]:
     """Write the shards of every split and ``meta.json`` into ``tmp``; return the meta dict."""
     splits: dict[str, Any] = {}
@@ -576,8 +578,54 @@ def _write_output(tmp: Path, examples: dict[str, list[tuple[bytes, int, int, str
         "bytes": 0,
     }
     meta["bytes"] = _dir_bytes(tmp)
-    (tmp / runs.META_JSON).write_text(json.dumps(meta, indent=2) + "\n")
+    (tmp / META_JSON).write_text(json.dumps(meta, indent=2) + "\n")
     return meta
+
+
+def _make_examples(plans: list[_Plan], source: Source, opts: PrepareOptions
+                   ) -> tuple[dict[str, list[_Example]], list[Problem]]:
+    """Decode, crop and encode every planned photograph in the worker threads; a photograph
+    that cannot be used becomes a problem, so the caller can fail on or skip all of them alike."""
+    jobs = [(str(path), opts.size, opts.normalize, opts.jpeg_quality)
+            for plan in plans for _, path in plan.rows]
+    workers = opts.workers or os.cpu_count() or 1
+    logging.info("preparing %d images (%s) with %d worker(s) at %dx%d",
+                 len(jobs), source.description or source.train_images or source.test_images, workers,
+                 opts.size, opts.size)
+    progress = Progress(len(jobs), "prepare")
+    results = iter(_process(jobs, workers))  # in job order, which is plan order
+    examples: dict[str, list[_Example]] = {}
+    problems: list[Problem] = []
+    for plan in plans:
+        examples[plan.split] = []
+        for row, path in plan.rows:
+            data, reason = next(results)
+            progress.step()
+            if data is None:
+                problems.append(Problem(str(path), reason or "unreadable", row.name))
+                continue
+            examples[plan.split].append((data, int(row.grade >= opts.rdr_grade), row.grade, row.name))
+    return examples, problems
+
+
+def _check_usable(examples: dict[str, list[_Example]], problems: list[Problem], source: Source,
+                  on_error: str) -> None:
+    """Apply ``--on-error`` to the problems, then refuse a data set that cannot serve its use:
+    training needs train and val images, a test-only folder needs test images."""
+    if problems and on_error == "fail":
+        for p in problems:
+            logging.error("bad input: %s", p)
+        raise InputError(
+            f"{len(problems)} problem(s) in the input, nothing written (first: {problems[0]}); "
+            "fix them or pass --on-error skip to leave those items out"
+        )
+    for p in problems:
+        logging.warning("skipped: %s", p)
+    if source.train_images is None:
+        if not examples[TEST]:
+            raise InputError(f"{source.test_labels}: no usable test images, nothing to prepare")
+    elif not examples[TRAIN] or not examples[VAL]:
+        raise InputError("no usable training or validation images left after skipping bad input")
 
 
 def prepare(source: Source, out: Path | str, opts: PrepareOptions = PrepareOptions()) -> dict[str, Any]:
@@ -591,41 +639,9 @@ def prepare(source: Source, out: Path | str, opts: PrepareOptions = PrepareOptio
     out = Path(out)
     check_output(out, source, opts.overwrite)
     plans, problems = _plan(source, opts)
-
-    jobs = [(str(path), opts.size, opts.normalize, opts.jpeg_quality)
-            for plan in plans for _, path in plan.rows]
-    workers = opts.workers or os.cpu_count() or 1
-    logging.info("preparing %d images (%s) with %d worker(s) at %dx%d",
-                 len(jobs), source.description or source.train_images or source.test_images, workers,
-                 opts.size, opts.size)
-    progress = Progress(len(jobs), "prepare")
-    results = iter(_process(jobs, workers))
-    examples: dict[str, list[tuple[bytes, int, int, str]]] = {}
-    for plan in plans:
-        examples[plan.split] = []
-        for row, path in plan.rows:
-            data, reason = next(results)
-            progress.step()
-            if data is None:
-                problems.append(Problem(str(path), reason or "unreadable", row.name))
-                continue
-            examples[plan.split].append((data, int(row.grade >= opts.rdr_grade), row.grade, row.name))
-
-    if problems and opts.on_error == "fail":
-        for p in problems:
-            logging.error("bad input: %s", p)
-        raise InputError(
-            f"{len(problems)} problem(s) in the input, nothing written (first: {problems[0]}); "
-            "fix them or pass --on-error skip to leave those items out"
-        )
-    for p in problems:
-        logging.warning("skipped: %s", p)
-    if source.train_images is None:
-        if not examples["test"]:
-            raise InputError(f"{source.test_labels}: no usable test images, nothing to prepare")
-    elif not examples["train"] or not examples["val"]:
-        raise InputError("no usable training or validation images left after skipping bad input")
-
+    examples, unusable = _make_examples(plans, source, opts)
+    problems += unusable
+    _check_usable(examples, problems, source, opts.on_error)
     try:
         with runs.atomic_dir(out, install=functools.partial(_install, overwrite=opts.overwrite)) as tmp:
             meta = _write_output(tmp, examples, problems, source, opts)

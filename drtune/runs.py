@@ -21,14 +21,15 @@ import socket
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Mapping, NamedTuple
 
 from absl import logging
 
 from drtune.errors import InputError
 
 # The splits of a data folder, in the order prepare writes them.
-SPLITS: tuple[str, ...] = ("train", "val", "test")
+TRAIN, VAL, TEST = "train", "val", "test"
+SPLITS: tuple[str, ...] = (TRAIN, VAL, TEST)
 # Label 0 and 1 of the TFRecords, meta.json counts and predictions.csv decisions.
 CLASS_NAMES: tuple[str, str] = ("NRDR", "RDR")
 
@@ -65,6 +66,55 @@ def load_meta(data_dir: Path | str) -> dict[str, Any]:
     if "splits" not in meta or "size" not in meta:
         raise InputError(f"{path}: missing 'splits' or 'size'")
     return meta
+
+
+# The `prepare` options a model is tied to: (meta.json and data.json key, `drtune prepare` flag,
+# the value an older file without the key implies). Pixels alone do not show these differences:
+# a model evaluated on a Graham-normalised copy, or on labels cut at another grade, gives wrong
+# metrics without an error.
+PREPARED_WITH: tuple[tuple[str, str, Any], ...] = (
+    ("size", "--size", None), ("normalize", "--normalize", "none"), ("rdr_grade", "--rdr-grade", 2))
+
+
+class PreparedDifference(NamedTuple):
+    """One ``PREPARED_WITH`` option on which a data folder differs from what was expected."""
+
+    key: str  # as meta.json and data.json name it
+    flag: str  # the `drtune prepare` flag that sets it
+    found: Any  # in the data folder's meta.json
+    expected: Any  # what the run was trained on, or the study asks for
+
+    @property
+    def fix(self) -> str:
+        """The ``prepare`` flag and value that remove the difference, e.g. ``--size 64``."""
+        return f"{self.flag} {self.expected}"
+
+
+def _option(default: Any, value: Any) -> Any:
+    # JSON written by hand may hold 256 or "256"; strings such as "graham" are compared as they are.
+    return int(value) if value is not None and (default is None or isinstance(default, int)) else value
+
+
+def prepared_options(record: Mapping[str, Any]) -> dict[str, Any]:
+    """The ``PREPARED_WITH`` options of a meta.json or data.json; keys an older file lacks read
+    as the value that file was written with."""
+    return {key: _option(default, record.get(key, default)) for key, _, default in PREPARED_WITH}
+
+
+def prepared_differences(expected: Mapping[str, Any], found: Mapping[str, Any]) -> list[PreparedDifference]:
+    """Each ``PREPARED_WITH`` option on which ``found`` (a data folder's meta.json) differs from
+    ``expected``, in ``PREPARED_WITH`` order; an option ``expected`` lacks or holds as None is not
+    checked ("any"). The one comparison behind training's check against a study
+    (``config.check_prepared``) and evaluation's against a run (``evaluate.check_data_matches_run``)."""
+    have = prepared_options(found)
+    differences = []
+    for key, flag, default in PREPARED_WITH:
+        if expected.get(key) is None:
+            continue
+        want = _option(default, expected[key])
+        if have[key] != want:
+            differences.append(PreparedDifference(key, flag, have[key], want))
+    return differences
 
 
 # --------------------------------------------------------------------------- atomic folders

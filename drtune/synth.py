@@ -23,7 +23,7 @@ import cv2
 import numpy as np
 
 from drtune.errors import DrtuneError, InputError
-from drtune.runs import atomic_dir
+from drtune.runs import TEST, TRAIN, atomic_dir
 
 TRAIN_IMAGES = Path("1. Original Images/a. Training Set")
 TEST_IMAGES = Path("1. Original Images/b. Testing Set")
@@ -32,13 +32,14 @@ TEST_LABELS = Path("2. Groundtruths/b. IDRiD_Disease Grading_Testing Labels.csv"
 TRAIN_MASKS = Path("3. Lesion Masks/a. Training Set")
 TEST_MASKS = Path("3. Lesion Masks/b. Testing Set")
 LABEL_HEADER = ("Image name", "Retinopathy grade", "Risk of macular edema")
-# split -> (images dir, labels csv, masks dir), relative to the data-set root.
+# split -> (images dir, labels csv, masks dir), relative to the data-set root. IDRiD's training
+# set becomes the train and val splits of a data folder, its testing set the test split.
 SYNTH_LAYOUT: dict[str, tuple[Path, Path, Path]] = {
-    "train": (TRAIN_IMAGES, TRAIN_LABELS, TRAIN_MASKS),
-    "test": (TEST_IMAGES, TEST_LABELS, TEST_MASKS),
+    TRAIN: (TRAIN_IMAGES, TRAIN_LABELS, TRAIN_MASKS),
+    TEST: (TEST_IMAGES, TEST_LABELS, TEST_MASKS),
 }
 
-_SPLIT_IDS = {"train": 0, "test": 1}
+_SPLIT_IDS = {TRAIN: 0, TEST: 1}
 # Separate seed streams, so grade blocks, image pixels and label extras never share draws.
 _GRADE_STREAM, _IMAGE_STREAM, _LABEL_STREAM = 0, 1, 2
 
@@ -400,7 +401,7 @@ def make_synthetic(out: Path | str, n_train: int = 48, n_test: int = 12, width: 
     # mkdtemp makes the folder private (0700); the data set should be readable as usual.
     # os.replace (rename(2)) replaces an empty directory atomically; a non-empty one raced in fails.
     with atomic_dir(out, mode=0o755) as tmp:
-        for split, n in (("train", n_train), ("test", n_test)):
+        for split, n in ((TRAIN, n_train), (TEST, n_test)):
             images_dir, labels_csv, masks_dir = (tmp / p for p in SYNTH_LAYOUT[split])
             for p in (images_dir, labels_csv.parent, masks_dir):
                 p.mkdir(parents=True, exist_ok=True)

@@ -6,8 +6,17 @@ from pathlib import Path
 
 import pytest
 
-from drtune.config import Config, load_config, parse_override, replace, to_dict, from_dict
+from drtune.config import (
+    Config,
+    check_prepared,
+    from_dict,
+    load_config,
+    parse_override,
+    replace,
+    to_dict,
+)
 from drtune.errors import InputError
+from drtune.runs import prepared_differences, prepared_options
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -128,3 +137,27 @@ def test_seeds_in_range_and_floats_finite(override: str, needle: str) -> None:
 def test_seed_limits_are_accepted() -> None:
     assert load_config(None, ["train.seed=0"]).train.seed == 0
     assert load_config(None, ["train.seed=4294967295"]).train.seed == 2**32 - 1
+
+
+def test_prepared_differences_name_every_differing_option() -> None:
+    """The one comparison behind training's check against a study and evaluation's against a run:
+    keys an older meta.json lacks read as their defaults, "256" is 256, None expects anything."""
+    meta = {"size": "256", "normalize": "graham", "splits": {}}
+    assert prepared_differences({"size": 256, "normalize": "graham", "rdr_grade": 2}, meta) == []
+    assert prepared_differences({"size": None, "normalize": None}, {"size": 64}) == []
+    diffs = prepared_differences({"size": 64, "normalize": "none", "rdr_grade": 3}, meta)
+    assert [(d.key, d.found, d.expected, d.fix) for d in diffs] == [
+        ("size", 256, 64, "--size 64"), ("normalize", "graham", "none", "--normalize none"),
+        ("rdr_grade", 2, 3, "--rdr-grade 3")]
+    assert prepared_options({"size": 96}) == {"size": 96, "normalize": "none", "rdr_grade": 2}
+
+
+def test_check_prepared_names_all_differences_and_accepts_any(tmp_path: Path) -> None:
+    cfg = replace(load_config(None), **{"data.prepare_size": 128, "data.normalize": "graham"})
+    check_prepared(cfg, {"size": 128, "normalize": "graham", "rdr_grade": 3}, tmp_path)  # rdr_grade: any
+    with pytest.raises(InputError) as info:
+        check_prepared(cfg, {"size": 64}, tmp_path)
+    assert str(info.value) == (
+        f"{tmp_path}: prepared with --size 64 --normalize none but the config wants "
+        "data.prepare_size = 128, data.normalize = 'graham'; prepare it again with "
+        "'drtune prepare ... --config <study>' (or --size 128 --normalize graham)")

@@ -4,18 +4,31 @@ from __future__ import annotations
 
 import json
 import shutil
+import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import cv2
 import numpy as np
 import pytest
+import tensorflow as tf
 
+import drtune.prepare as prep
 from conftest import shared_dir
 from drtune.cli import main
 from drtune.errors import InputError
-from drtune.labels import read_labels
-from drtune.prepare import PrepareOptions, Source, find_idrid, prepare, split_train_val
-from drtune.synth import TRAIN_IMAGES, TRAIN_LABELS
+from drtune.labels import LabelRow, read_labels
+from drtune.prepare import (
+    ImageError,
+    PrepareOptions,
+    Source,
+    decode_photo,
+    find_idrid,
+    prepare,
+    split_train_val,
+)
+from drtune.synth import TEST_IMAGES, TEST_LABELS, TRAIN_IMAGES, TRAIN_LABELS
 
 IDRID_LABELS = shared_dir("idrid-labels")
 SAMPLES = shared_dir("fundus-samples")
@@ -24,8 +37,6 @@ OPTS = PrepareOptions(size=64, workers=1)
 
 def read_records(data: Path, split: str) -> list[dict]:
     """Parse a split's shards with TensorFlow, as the input pipeline will."""
-    import tensorflow as tf
-
     meta = json.loads((data / "meta.json").read_text())
     files = [str(data / f) for f in meta["splits"][split]["files"]]
     spec = {
@@ -116,8 +127,6 @@ def test_crops_show_the_whole_field(prepared: Path) -> None:
 
 
 def test_split_is_seeded_and_keeps_groups_together() -> None:
-    from drtune.labels import LabelRow
-
     rows = [LabelRow(f"Patient{p:03d}_{eye}", (p % 5), i)
             for i, (p, eye) in enumerate((p, e) for p in range(30) for e in "LR")]
     a = split_train_val(rows, 0.2, 2, r"(Patient\d+)_[LR]", seed=3)
@@ -428,29 +437,25 @@ def test_decompression_bomb_is_a_per_image_problem(synth_root: Path, tmp_path: P
 
 
 def test_jpeg_with_trailing_data_is_accepted_but_truncation_is_not(synth_root: Path, tmp_path: Path) -> None:
-    from drtune.prepare import ImageError, decode_image
-
     photo = sorted((synth_root / TRAIN_IMAGES).glob("*.jpg"))[0]
     data = photo.read_bytes()
-    reference = decode_image(data, 64)
+    reference = decode_photo(data, 64)
     # A motion photo: the still image, then a video after its end marker.
     trailer = b"ftypmp42" + bytes(np.random.default_rng(1).integers(0, 256, 200_000, dtype=np.uint8))
-    assert np.array_equal(decode_image(data + trailer, 64), reference)
-    assert np.array_equal(decode_image(data + b"\0" * 10_000, 64), reference)
+    assert np.array_equal(decode_photo(data + trailer, 64), reference)
+    assert np.array_equal(decode_photo(data + b"\0" * 10_000, 64), reference)
     for cut in (len(data) // 2, len(data) - 2):
         with pytest.raises(ImageError, match="truncated"):
-            decode_image(data[:cut], 64)
+            decode_photo(data[:cut], 64)
     # Trailing data does not hide truncation either.
     with pytest.raises(ImageError, match="truncated"):
-        decode_image(data[: len(data) // 2] + b"\0" * 10_000, 64)
+        decode_photo(data[: len(data) // 2] + b"\0" * 10_000, 64)
 
 
 # --------------------------------------------------------------------------- external validation
 
 
 def test_test_only_folder_for_external_validation(synth_root: Path, tmp_path: Path, capsys) -> None:
-    from drtune.synth import TEST_IMAGES, TEST_LABELS
-
     out = tmp_path / "external"
     rc = main(["prepare", "--test-images", str(synth_root / TEST_IMAGES),
                "--test-labels", str(synth_root / TEST_LABELS), "--out", str(out), "--size", "64",
@@ -471,10 +476,6 @@ def test_test_only_folder_for_external_validation(synth_root: Path, tmp_path: Pa
 
 def test_disk_full_is_one_line_and_leaves_nothing(synth_root: Path, tmp_path: Path, monkeypatch,
                                                   capsys) -> None:
-    import tensorflow as tf
-
-    import drtune.prepare as prep
-
     images, labels = _bad(synth_root, tmp_path)
     real = prep.write_shards
 
@@ -507,10 +508,6 @@ def test_disk_full_is_one_line_and_leaves_nothing(synth_root: Path, tmp_path: Pa
 
 def test_stale_temp_folders_of_dead_runs_are_removed(synth_root: Path, tmp_path: Path,
                                                      caplog: pytest.LogCaptureFixture) -> None:
-    import socket
-    import subprocess
-    import sys
-
     images, labels = _bad(synth_root, tmp_path)
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()  # a pid that no process holds any more
