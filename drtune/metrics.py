@@ -442,21 +442,39 @@ def _float(s: str | None) -> float:
         return math.nan
 
 
+def read_history(path: Path | str) -> list[dict[str, str]]:
+    """Rows of a run's ``history.csv`` with epochs numbered from 1; [] when it does not exist.
+
+    Epochs are counted as people count them everywhere in drtune (the first is epoch 1). Runs
+    written before that hold Keras' 0-based numbers, recognised by a first row of epoch 0 (a
+    1-based file never has one): they are shifted here, so that every reader (resume, plots,
+    the search) sees one numbering whatever the age of the run.
+    """
+    path = Path(path)
+    if not path.is_file():
+        return []
+    with path.open(newline="") as f:
+        rows = list(csv.DictReader(f))
+    numbered = [r for r in rows if (r.get("epoch") or "").isdigit()]
+    if numbered and int(numbered[0]["epoch"]) == 0:
+        for r in numbered:
+            r["epoch"] = str(int(r["epoch"]) + 1)
+    return rows
+
+
 def plot_history(history_csv: Path | str, path: Path | str | None = None) -> Figure:
-    """Learning curves from a Keras CSVLogger file: loss (train, val) and balanced accuracy /
-    AUC per epoch. Columns that are absent are skipped; a missing or empty file, or one with
-    none of the known columns, raises ValueError naming the file."""
+    """Learning curves from a run's ``history.csv``: loss (train, val) and balanced accuracy /
+    AUC per epoch, epochs numbered from 1 (see :func:`read_history`). Columns that are absent
+    are skipped; a missing or empty file, or one with none of the known columns, raises
+    ValueError naming the file."""
     history_csv = Path(history_csv)
-    try:
-        with history_csv.open(newline="") as f:
-            rows = list(csv.DictReader(f))
-    except FileNotFoundError:
-        raise ValueError(f"{history_csv}: training history not found") from None
+    if not history_csv.is_file():
+        raise ValueError(f"{history_csv}: training history not found")
+    rows = read_history(history_csv)
     if not rows:
         raise ValueError(f"{history_csv}: training history is empty (no epochs logged)")
     cols = {c: np.array([_float(r.get(c)) for r in rows]) for c in rows[0] if c is not None}
-    # Keras' CSVLogger counts epochs from 0; show them from 1 as its progress bar does.
-    epochs = cols["epoch"] + 1 if "epoch" in cols else np.arange(1, len(rows) + 1)
+    epochs = cols["epoch"] if "epoch" in cols else np.arange(1, len(rows) + 1)
     panels = [(t, [(c, ls) for c, ls in series if c in cols]) for t, series in _HISTORY_PANELS]
     if not any(series for _, series in panels):
         known = [c for _, series in _HISTORY_PANELS for c, _ in series]

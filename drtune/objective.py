@@ -2,9 +2,12 @@
 
 :class:`Objective` is what ``study.optimize`` calls. A trial draws its parameters in one place
 (:func:`sample`), trains through :func:`drtune.train.train_and_evaluate` with two Keras callbacks
-(progress attributes, and pruning on validation balanced accuracy), and returns its best
-validation balanced accuracy. Its run directory is ``WORKDIR/STUDY/trial-NNNN``; a retried trial
-reuses its dead predecessor's directory, so training resumes where the dead one stopped.
+(progress attributes, and pruning on ``train.monitor``), and returns the best per-epoch value of
+``train.monitor``. Its intermediate values are reported at steps that are epochs counted from 1,
+as in the run's ``history.csv`` and ``best_epoch`` (see :mod:`drtune.train`); a pruned trial
+says why in its user attributes ``pruned_at_epoch`` and ``pruned_reason``. Its run directory is
+``WORKDIR/STUDY/trial-NNNN``; a retried trial reuses its dead predecessor's directory, so
+training resumes where the dead one stopped.
 Plots, the history and the config go to the study's artifact store for the dashboard.
 """
 
@@ -18,11 +21,12 @@ from pathlib import Path
 from typing import Any
 
 import keras
+import numpy as np
 import optuna
 import tensorflow as tf
 from absl import logging
 from optuna.artifacts import FileSystemArtifactStore
-from optuna_integration import KerasPruningCallback
+from optuna.trial import TrialState
 from tensorboard.plugins.hparams import api as hp
 
 from drtune import config as config_lib
@@ -90,37 +94,82 @@ def _recorded_as_categorical(trial: optuna.Trial, key: str) -> bool:
 
 
 class TrialAttrs(keras.callbacks.Callback):
-    """Records progress on the trial each epoch, so pruned trials keep it."""
+    """Records progress on the trial each epoch, so pruned trials keep it: ``epochs_run``
+    (epochs counted from 1), ``seconds_per_epoch`` (as :func:`drtune.train.seconds_per_epoch`
+    defines it, over the epochs run so far in this process) and ``val_auc``."""
 
     def __init__(self, trial: optuna.Trial) -> None:
         super().__init__()
-        self.trial = trial
+        self.trial, self.durations, self.t0 = trial, [], 0.0
 
     def on_epoch_begin(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
         self.t0 = time.monotonic()
 
     def on_epoch_end(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
         logs = logs or {}
+        self.durations.append(time.monotonic() - self.t0)
         self.trial.set_user_attr("epochs_run", epoch + 1)
-        self.trial.set_user_attr("seconds_per_epoch", round(time.monotonic() - self.t0, 3))
+        self.trial.set_user_attr("seconds_per_epoch", round(train.seconds_per_epoch(self.durations) or 0.0, 3))
         auc = logs.get("val_auc")
         if auc is not None and auc == auc:  # NaN when one class is missing
             self.trial.set_user_attr("val_auc", float(auc))
 
 
-class PruneBeforeLastEpoch(KerasPruningCallback):
-    """Optuna's Keras pruning callback, except at the last epoch: a trial that ran every epoch
-    is complete, and pruning it then would only hide its result from ``finetune --best``."""
+class PruneBeforeLastEpoch(keras.callbacks.Callback):
+    """Reports ``monitor`` at each epoch and prunes the trial when the study's pruner says so,
+    except at the last epoch: a trial that ran every epoch is complete, and pruning it then
+    would only hide its result from ``finetune --best``.
+
+    What Optuna's ``KerasPruningCallback`` does, but at steps counted from 1 (it reports at
+    Keras' 0-based epoch index) and recording why it pruned: the trial's user attributes
+    ``pruned_at_epoch`` and ``pruned_reason`` (see :func:`prune_reason`).
+    """
 
     def __init__(self, trial: optuna.Trial, epochs: int, monitor: str = MONITOR) -> None:
-        super().__init__(trial, monitor)
-        self.optuna_trial, self.epochs, self.monitor = trial, epochs, monitor
+        super().__init__()
+        self.trial, self.epochs, self.monitor = trial, epochs, monitor
 
     def on_epoch_end(self, epoch: int, logs: dict[str, float] | None = None) -> None:
-        if epoch + 1 < self.epochs:
-            super().on_epoch_end(epoch, logs)
-        elif logs and logs.get(self.monitor) is not None:
-            self.optuna_trial.report(float(logs[self.monitor]), step=epoch)
+        value = (logs or {}).get(self.monitor)
+        if value is None:
+            logging.warning("%r is not in the epoch logs (%s): nothing reported to the trial",
+                            self.monitor, ", ".join(sorted(logs or {})))
+            return
+        step = epoch + 1
+        self.trial.report(float(value), step=step)
+        if step < self.epochs and self.trial.should_prune():
+            reason = prune_reason(self.trial.study, self.trial.number, step, self.monitor)
+            self.trial.set_user_attr("pruned_at_epoch", step)
+            self.trial.set_user_attr("pruned_reason", reason)
+            raise optuna.TrialPruned(f"pruned at epoch {step}: {reason}")
+
+
+def prune_reason(study: optuna.Study, number: int, step: int, monitor: str) -> str:
+    """Why the pruner stopped trial ``number`` at epoch ``step``, in one line.
+
+    Optuna's pruners answer yes or no. For the median pruner the reference is recomputed as it
+    computes it: the trial's best value up to ``step`` against the median of the completed
+    trials' values at ``step`` (a trial whose values are all NaN is always pruned). Other
+    pruners (Hyperband, successive halving: rungs of several trials) are named with the value.
+    """
+    trials = study.get_trials(deepcopy=False)
+    values = next(t for t in trials if t.number == number).intermediate_values
+    value = values[step]
+    pruner = study.pruner
+    name = next(c.__name__ for c in type(pruner).__mro__ if c.__module__.startswith("optuna."))
+    so_far = [v for k, v in values.items() if k <= step and not np.isnan(v)]
+    if not so_far:
+        return f"{monitor} is NaN at epoch {step} (diverged or undefined); {name} prunes such a trial"
+    here = f"{monitor} {value:.4g} at epoch {step}"
+    if max(so_far) != value:
+        here += f" (best so far {max(so_far):.4g})"
+    if not isinstance(pruner, optuna.pruners.MedianPruner):
+        return f"{here}; pruned by {name}"
+    others = [t.intermediate_values[step] for t in trials
+              if t.state == TrialState.COMPLETE and step in t.intermediate_values]
+    median = float(np.nanmedian(others)) if others and not np.all(np.isnan(others)) else float("nan")
+    return (f"{here} below the median of {len(others)} completed trial(s) at epoch {step} "
+            f"({median:.4g}); {name}")
 
 
 # --------------------------------------------------------------------------- the trial
@@ -207,16 +256,18 @@ class Objective:
         callbacks = [TrialAttrs(trial), PruneBeforeLastEpoch(trial, cfg.train.epochs, cfg.train.monitor)]
         try:
             result = train.train_and_evaluate(cfg, self.data_dir, run, callbacks=callbacks)
-        except optuna.TrialPruned:
+        except optuna.TrialPruned as exc:
             last = trial.user_attrs.get("epochs_run", 0)
             self._artifacts(trial, run)
             _hparams(self.cfg, self.name, trial, _last_value(run, cfg.train.monitor), "pruned")
-            logging.info("trial %d pruned after %d epoch(s)", trial.number, last)
+            logging.info("trial %d pruned after %d epoch(s): %s", trial.number, last, exc)
             raise
         except train.TrainingDiverged as exc:
             # A diverging learning rate is a bad point of the space, not a broken worker:
             # record it as pruned so the study goes on and the reason stays visible.
             trial.set_user_attr("diverged", str(exc))
+            trial.set_user_attr("pruned_at_epoch", trial.user_attrs.get("epochs_run", 0))
+            trial.set_user_attr("pruned_reason", str(exc))
             _hparams(self.cfg, self.name, trial, float("nan"), "diverged")
             logging.warning("trial %d diverged; pruned", trial.number)
             raise optuna.TrialPruned(str(exc)) from None
@@ -226,6 +277,8 @@ class Objective:
         trial.set_user_attr("best_epoch", result["best_epoch"])
         trial.set_user_attr("threshold", result["threshold"])
         trial.set_user_attr("seconds", round(result["seconds"], 1))
+        if result.get("seconds_per_epoch") is not None:  # the whole run's, as metrics.json has it
+            trial.set_user_attr("seconds_per_epoch", round(result["seconds_per_epoch"], 3))
         if result.get("val_auc") is not None:
             trial.set_user_attr("val_auc", result["val_auc"])
         metrics.plot_confusion_matrix(result["val"]["confusion_matrix"], run / "val_confusion_matrix.png",

@@ -45,6 +45,7 @@ def status_text(cfg: Config, storage: str | None = None, name: str | None = None
     lines = [f"study {study.study_name!r} in {redact(storage_url(cfg, storage))}: {len(trials)} trial(s)", ""]
     for r in [header, *rows]:
         lines.append("  ".join(c.rjust(w) if i != 1 else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths))))
+    lines += _pruned_lines(trials)
     try:
         best = study.best_trial
         lines += ["", f"best: trial {best.number}, validation balanced accuracy {best.value:.4f}, "
@@ -64,6 +65,13 @@ def status_text(cfg: Config, storage: str | None = None, name: str | None = None
     else:
         lines.append("finetune: not run yet ('drtune finetune --best' with the same --config/--storage)")
     return "\n".join(lines)
+
+
+def _pruned_lines(trials: list[Any]) -> list[str]:
+    """Why each pruned trial was stopped (its ``pruned_reason``; epochs counted from 1)."""
+    reasons = [f"  trial {t.number}, epoch {t.user_attrs.get('pruned_at_epoch', '?')}: {t.user_attrs['pruned_reason']}"
+               for t in trials if t.state.name == "PRUNED" and t.user_attrs.get("pruned_reason")]
+    return ["", "pruned:", *reasons] if reasons else []
 
 
 def serve_dashboard(cfg: Config, storage: str | None = None, host: str = "127.0.0.1", port: int = 8080) -> None:

@@ -4,6 +4,15 @@ The run directory is the unit of work (flax style): it holds the resolved config
 best-by-validation model, periodic checkpoints, the history and TensorBoard logs, and a run
 killed at any point resumes from it when started again with the same config. This module never
 imports Optuna: the search passes its pruning callback in through ``callbacks``.
+
+Epochs are numbered as people count them, from 1, in everything a run writes: the ``epoch``
+column of ``history.csv``, ``best_epoch`` and ``epochs_run`` in ``metrics.json``,
+``checkpoints/epoch-NNNN.keras``, ``epochs_done`` in ``checkpoints/state.json`` (the last
+finished epoch, hence also how many are done), the TensorBoard steps, the learning-curve plot,
+the log lines, and the steps at which the search reports to Optuna. Keras counts from 0 inside
+``fit``, so the callbacks that write add one. A ``history.csv`` of a run written before this
+(0-based) is read through :func:`drtune.metrics.read_history`, which shifts it, and is rewritten
+1-based when such a run resumes.
 """
 
 from __future__ import annotations
@@ -26,19 +35,20 @@ import tensorflow as tf
 from absl import logging
 
 from drtune import config as config_lib
-from drtune import data, metrics
+from drtune import data, metrics, runs
 from drtune.config import Config
 from drtune.errors import DrtuneError, InputError
+from drtune.metrics import read_history
 from drtune.model import build_model, compile_model
+from drtune.runs import CHECKPOINTS_DIR, CONFIG_JSON, DATA_JSON, HISTORY_CSV, METRICS_JSON, MODEL_KERAS
 from drtune.tta import tta_model
-from drtune.prepare import load_meta
 
 # The default of ``train.monitor``: what checkpoints, early stopping and pruning follow.
 MONITOR = "val_balanced_accuracy"
+# In checkpoints/ (train's own business, so not in drtune.runs):
 LAST = "last.keras"  # the resume point, rewritten every epoch
-
-
-OWNER = "owner.json"  # in checkpoints/: the token of the one process allowed to write the run
+STATE = "state.json"  # the committed epoch and early stopping's state
+OWNER = "owner.json"  # the token of the one process allowed to write the run
 
 
 class TrainingDiverged(DrtuneError):
@@ -84,7 +94,7 @@ class RunOwner(keras.callbacks.Callback):
     def __init__(self, workdir: Path) -> None:
         super().__init__()
         self.workdir = workdir
-        self.path = workdir / "checkpoints" / OWNER
+        self.path = workdir / CHECKPOINTS_DIR / OWNER
         self.token = uuid.uuid4().hex
 
     def claim(self) -> None:
@@ -159,12 +169,41 @@ class ValidationMetrics(keras.callbacks.Callback):
         if self.writer is not None:
             image = metrics.confusion_matrix_image(m["confusion_matrix"], f"validation, epoch {epoch + 1}")
             with self.writer.as_default():
-                tf.summary.image("confusion_matrix", image[None], step=epoch)
+                tf.summary.image("confusion_matrix", image[None], step=epoch + 1)
             self.writer.flush()
 
 
+class _CountFromOne:
+    """Mixin for a Keras callback that writes epoch numbers: it writes them counted from 1."""
+
+    def on_epoch_end(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
+        super().on_epoch_end(epoch + 1, logs)  # type: ignore[misc]
+
+
+class CSVLogger(_CountFromOne, keras.callbacks.CSVLogger):
+    """Keras' CSVLogger with ``history.csv``'s ``epoch`` column counted from 1."""
+
+
+class TensorBoard(_CountFromOne, keras.callbacks.TensorBoard):
+    """Keras' TensorBoard callback with epoch summaries at steps counted from 1."""
+
+
+def seconds_per_epoch(durations: Sequence[float]) -> float | None:
+    """What ``seconds_per_epoch`` means wherever it is recorded (``metrics.json``, a trial's
+    user attributes), from the wall-clock durations of the epochs run in this process.
+
+    Each epoch is timed from its start to the end of its validation pass and best-model save
+    (what its log line shows; the checkpoint save that commits it is left out). The mean leaves
+    out the first epoch run in this process when others follow: it also traces and compiles
+    the training and prediction graphs and fills the data cache, several steady epochs' worth
+    on a CPU, and says nothing of what the next epochs cost. None when no epoch ran here.
+    """
+    steady = list(durations[1:]) or list(durations)
+    return float(np.mean(steady)) if steady else None
+
+
 class EpochLog(keras.callbacks.Callback):
-    """One absl log line per epoch, and the seconds each epoch took."""
+    """One absl log line per epoch, and the seconds each epoch took (see :func:`seconds_per_epoch`)."""
 
     def __init__(self, epochs: int) -> None:
         super().__init__()
@@ -225,6 +264,9 @@ class ResumableEarlyStopping(keras.callbacks.EarlyStopping):
 class Checkpoints(keras.callbacks.Callback):
     """``checkpoints/epoch-NNNN.keras`` every ``every`` epochs, and ``last.keras`` + state each epoch.
 
+    ``state.json``'s ``epochs_done`` is the number of the last finished epoch, counted from 1
+    (so also how many are done); ``fit(initial_epoch=epochs_done)`` resumes with the next one.
+
     ``last.keras`` holds the optimizer state, so a killed run restarts exactly where its last
     finished epoch left it (what ``BackupAndRestore`` does, but with the epoch number in a file we
     can read to trim ``history.csv`` before appending to it). Writing ``state.json`` commits the
@@ -240,7 +282,7 @@ class Checkpoints(keras.callbacks.Callback):
         self.early_stopping = early_stopping
 
     def on_epoch_end(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
-        ckpt = self.workdir / "checkpoints"
+        ckpt = self.workdir / CHECKPOINTS_DIR
         if (epoch + 1) % self.every == 0:
             self.owner.save(self.model, ckpt / f"epoch-{epoch + 1:04d}.keras")
         self.owner.save(self.model, ckpt / LAST)
@@ -248,22 +290,18 @@ class Checkpoints(keras.callbacks.Callback):
         if self.early_stopping is not None:
             state["early_stopping"] = self.early_stopping.state()
         self.owner.check()
-        write_json(ckpt / "state.json", state)
-
-
-def read_history(path: Path) -> list[dict[str, str]]:
-    """Rows of a run's ``history.csv`` (CSVLogger), [] when it does not exist yet."""
-    if not path.is_file():
-        return []
-    with path.open(newline="") as f:
-        return list(csv.DictReader(f))
+        write_json(ckpt / STATE, state)
 
 
 def _trim_history(path: Path, epochs_done: int) -> list[dict[str, str]]:
-    """Keep only rows of finished epochs (a kill can land between the CSV and the checkpoint)."""
+    """Keep only rows of finished epochs (a kill can land between the CSV and the checkpoint).
+
+    The file is rewritten with epochs counted from 1, also when an older run wrote it 0-based,
+    so that the rows appended on resume continue its numbering.
+    """
     # A row cut short by a full disk or a kill has no parsable epoch: it is not a finished one.
     rows = [r for r in read_history(path)
-            if (r.get("epoch") or "").isdigit() and int(r["epoch"]) < epochs_done]
+            if (r.get("epoch") or "").isdigit() and int(r["epoch"]) <= epochs_done]
     if path.is_file():
         with path.open("w", newline="") as f:
             if rows:
@@ -274,16 +312,16 @@ def _trim_history(path: Path, epochs_done: int) -> list[dict[str, str]]:
 
 
 def _best(rows: list[dict[str, str]], monitor: str = MONITOR) -> tuple[int, float]:
-    """(epoch index, value) of the best ``monitor`` value in history rows."""
+    """(epoch, value) of the best ``monitor`` value in history rows; (0, -inf) when there is none."""
     values = [float(r.get(monitor, "nan") or "nan") for r in rows]
     if not values or all(math.isnan(v) for v in values):
-        return -1, -math.inf
+        return 0, -math.inf
     i = int(np.nanargmax(values))
     return int(rows[i]["epoch"]), values[i]
 
 
 def _check_workdir(cfg_dict: dict[str, Any], workdir: Path) -> None:
-    path = workdir / "config.json"
+    path = workdir / CONFIG_JSON
     if not path.is_file():
         return
     old = json.loads(path.read_text())
@@ -364,35 +402,72 @@ def train_and_evaluate(
 ) -> dict[str, Any]:
     """Train one model, resuming from ``workdir`` if it holds an unfinished run; return metrics.
 
-    ``init_model`` warm-starts from a saved model (fine-tuning) instead of random weights. The
-    decision threshold is chosen on the validation split and frozen into ``metrics.json``.
+    ``init_model`` warm-starts from a saved model (fine-tuning) instead of random weights (see
+    :func:`_initial_model`). The decision threshold is chosen on the validation split and
+    frozen into ``metrics.json``.
     """
     data_dir = resolve_data_dir(cfg, data_dir).resolve()
-    meta = load_meta(data_dir)
+    meta = runs.load_meta(data_dir)
     config_lib.check_prepared(cfg, meta, data_dir)
     cfg = config_lib.replace(cfg, **{"data.dir": str(data_dir)})
     workdir = Path(workdir)
     cfg_dict = config_lib.to_dict(cfg)
-    if (workdir / "metrics.json").is_file():
+    if (workdir / METRICS_JSON).is_file():
         _check_workdir(cfg_dict, workdir)
         logging.info("%s: run already complete; delete it to train again", workdir)
-        return json.loads((workdir / "metrics.json").read_text())
+        return json.loads((workdir / METRICS_JSON).read_text())
     workdir.mkdir(parents=True, exist_ok=True)
     _check_workdir(cfg_dict, workdir)
     owner = RunOwner(workdir)
     owner.claim()
-    write_json(workdir / "config.json", cfg_dict)
-    input_size = cfg.data.image_size or int(meta["size"])
-    write_json(workdir / "data.json", {
-        "data_dir": str(data_dir), "size": int(meta["size"]), "input_size": input_size,
-        "normalize": meta.get("normalize", "none"), "jpeg_quality": meta.get("jpeg_quality", 95),
-        "rdr_grade": meta.get("rdr_grade", 2)})
-    (workdir / "checkpoints").mkdir(exist_ok=True)
-    state_path = workdir / "checkpoints" / "state.json"
+    input_size = _write_run_files(workdir, cfg_dict, cfg, data_dir, meta)
+    state_path = workdir / CHECKPOINTS_DIR / STATE
     state = json.loads(state_path.read_text()) if state_path.is_file() else {}
     epochs_done = int(state.get("epochs_done", 0))
 
     keras.utils.set_random_seed(cfg.train.seed)
+    train_ds, steps, val_ds, y_val = _datasets(cfg, data_dir, meta, epochs_done)
+    history = _trim_history(workdir / HISTORY_CSV, epochs_done)
+    model = _initial_model(cfg, workdir, epochs_done, init_model, input_size, steps)
+    epoch_log = EpochLog(cfg.train.epochs)
+    early_stopping = (ResumableEarlyStopping(cfg.train.patience, state.get("early_stopping"), cfg.train.monitor)
+                      if cfg.train.patience else None)
+    cbs = _callbacks(workdir, cfg, owner, val_ds, y_val, _best(history, cfg.train.monitor)[1],
+                     bool(history), epoch_log, early_stopping, callbacks)
+
+    t0 = time.monotonic()
+    logging.info("training %s: %d epochs x %d steps, batch %d, lr %g, %d parameters",
+                 workdir, cfg.train.epochs, steps, cfg.train.batch_size, cfg.train.lr, model.count_params())
+    if epochs_done < cfg.train.epochs:
+        model.fit(train_ds, epochs=cfg.train.epochs, initial_epoch=epochs_done, steps_per_epoch=steps,
+                  callbacks=cbs, verbose=0, shuffle=False)
+    seconds = time.monotonic() - t0
+    owner.check()  # a run taken over after its last epoch must not write metrics.json either
+    history = read_history(workdir / HISTORY_CSV)
+    _check_converged(cfg, workdir, history)
+    return _finish(cfg, workdir, data_dir, meta, val_ds, y_val, history, seconds, epoch_log.seconds)
+
+
+def _write_run_files(workdir: Path, cfg_dict: dict[str, Any], cfg: Config, data_dir: Path,
+                     meta: dict[str, Any]) -> int:
+    """``config.json``, ``data.json`` and ``checkpoints/``; returns the model's input size."""
+    write_json(workdir / CONFIG_JSON, cfg_dict)
+    input_size = cfg.data.image_size or int(meta["size"])
+    write_json(workdir / DATA_JSON, {
+        "data_dir": str(data_dir), "size": int(meta["size"]), "input_size": input_size,
+        "normalize": meta.get("normalize", "none"), "jpeg_quality": meta.get("jpeg_quality", 95),
+        "rdr_grade": meta.get("rdr_grade", 2)})
+    (workdir / CHECKPOINTS_DIR).mkdir(exist_ok=True)
+    return input_size
+
+
+def _datasets(cfg: Config, data_dir: Path, meta: dict[str, Any],
+              epochs_done: int) -> tuple[tf.data.Dataset, int, tf.data.Dataset, np.ndarray]:
+    """(training dataset, steps per epoch, validation dataset, validation labels).
+
+    The training dataset starts at epoch ``epochs_done``, so a resumed run sees the batches
+    the uninterrupted run would have seen.
+    """
     image_size = cfg.data.image_size or None
     train_ds, steps = data.train_dataset(data_dir, cfg.train.batch_size, cfg.data.augment, cfg.train.seed,
                                          balance=cfg.data.balance, cache=cfg.data.cache,
@@ -406,41 +481,37 @@ def train_and_evaluate(
         logging.warning("%s: the validation split holds only %s images: balanced accuracy and AUC "
                         "on it say nothing, and the best model and threshold are arbitrary",
                         data_dir, ("NRDR", "RDR")[int(y_val[0])])
+    return train_ds, steps, val_ds, y_val
 
-    history = _trim_history(workdir / "history.csv", epochs_done)
+
+def _initial_model(cfg: Config, workdir: Path, epochs_done: int, init_model: Path | str | None,
+                   input_size: int, steps: int) -> keras.Model:
+    """The model training starts from, in this order of precedence:
+
+    1. the run's own checkpoint (``checkpoints/last.keras``) when an epoch is done: a resumed
+       run continues with its weights and optimizer state, whatever ``init_model`` says;
+    2. else ``init_model`` (a warm start, as fine-tuning does), compiled afresh;
+    3. else a new model built from ``cfg.model`` (from scratch), compiled.
+    """
     if epochs_done:
         logging.info("%s: resuming after epoch %d", workdir, epochs_done)
-        model = keras.models.load_model(workdir / "checkpoints" / LAST)
+        return keras.models.load_model(workdir / CHECKPOINTS_DIR / LAST)
+    if init_model is not None:
+        model = keras.models.load_model(init_model)
+        logging.info("warm start from %s", init_model)
     else:
-        if init_model is not None:
-            model = keras.models.load_model(init_model)
-            logging.info("warm start from %s", init_model)
-        else:
-            model = build_model(cfg.model, input_size)
-        compile_model(model, cfg.train.lr, cfg.train, steps)
-    _, best_value = _best(history, cfg.train.monitor)
+        model = build_model(cfg.model, input_size)
+    compile_model(model, cfg.train.lr, cfg.train, steps)
+    return model
 
-    epoch_log = EpochLog(cfg.train.epochs)
-    early_stopping = (ResumableEarlyStopping(cfg.train.patience, state.get("early_stopping"), cfg.train.monitor)
-                      if cfg.train.patience else None)
-    cbs = _callbacks(workdir, cfg, owner, val_ds, y_val, best_value, bool(history), epoch_log,
-                     early_stopping, callbacks)
 
-    t0 = time.monotonic()
-    logging.info("training %s: %d epochs x %d steps, batch %d, lr %g, %d parameters",
-                 workdir, cfg.train.epochs, steps, cfg.train.batch_size, cfg.train.lr, model.count_params())
-    if epochs_done < cfg.train.epochs:
-        model.fit(train_ds, epochs=cfg.train.epochs, initial_epoch=epochs_done, steps_per_epoch=steps,
-                  callbacks=cbs, verbose=0, shuffle=False)
-    seconds = time.monotonic() - t0
-    owner.check()  # a run taken over after its last epoch must not write metrics.json either
-    history = read_history(workdir / "history.csv")
+def _check_converged(cfg: Config, workdir: Path, history: list[dict[str, str]]) -> None:
+    """Raise :class:`TrainingDiverged` when no epoch was logged or a training loss is not finite."""
     losses = [float(r["loss"]) for r in history]
     if not history or not all(math.isfinite(v) for v in losses):
         raise TrainingDiverged(
             f"{workdir}: training diverged (loss {losses[-1] if losses else 'nan'} at epoch {len(history)}) "
             f"with train.lr={cfg.train.lr:g}; try a smaller learning rate")
-    return _finish(cfg, workdir, data_dir, meta, val_ds, y_val, history, seconds, epoch_log.seconds)
 
 
 def _callbacks(workdir: Path, cfg: Config, owner: RunOwner, val_ds: tf.data.Dataset, y_val: np.ndarray,
@@ -459,9 +530,9 @@ def _callbacks(workdir: Path, cfg: Config, owner: RunOwner, val_ds: tf.data.Data
         owner,
         ValidationMetrics(val_ds, y_val, workdir / "tensorboard" / "validation"),
         keras.callbacks.TerminateOnNaN(),
-        BestModel(workdir / "model.keras", owner, best_value, cfg.train.monitor),
-        keras.callbacks.CSVLogger(str(workdir / "history.csv"), append=resumed),
-        keras.callbacks.TensorBoard(str(workdir / "tensorboard"), write_graph=False, profile_batch=0),
+        BestModel(workdir / MODEL_KERAS, owner, best_value, cfg.train.monitor),
+        CSVLogger(str(workdir / HISTORY_CSV), append=resumed),
+        TensorBoard(str(workdir / "tensorboard"), write_graph=False, profile_batch=0),
         epoch_log,
     ]
     if early_stopping is not None:
@@ -475,7 +546,7 @@ def _finish(cfg: Config, workdir: Path, data_dir: Path, meta: dict[str, Any], va
             y_val: np.ndarray, history: list[dict[str, str]], seconds: float,
             epoch_seconds: list[float]) -> dict[str, Any]:
     """Freeze the threshold on validation, write metrics.json and the learning-curve plot."""
-    best_model = keras.models.load_model(workdir / "model.keras")
+    best_model = keras.models.load_model(workdir / MODEL_KERAS)
     # The threshold is frozen on the predictions evaluate/predict will make: with the TTA views.
     p_val = tta_model(best_model, cfg.train.tta).predict(val_ds, verbose=0)[:, 1]
     threshold = metrics.choose_threshold(y_val, p_val, cfg.train.threshold)
@@ -488,21 +559,21 @@ def _finish(cfg: Config, workdir: Path, data_dir: Path, meta: dict[str, Any], va
         # The best epoch's per-epoch values (balanced accuracy at threshold 0.5, AUC).
         "val_balanced_accuracy": _finite(float(at_best.get("val_balanced_accuracy") or "nan")),
         "val_auc": _finite(float(at_best.get("val_auc") or "nan")),
-        "best_epoch": best_epoch + 1,
+        "best_epoch": best_epoch,
         "epochs_run": len(history),
         "threshold": threshold,
         "val": metrics.binary_metrics(y_val, p_val, threshold),
         "seconds": seconds,
-        "seconds_per_epoch": float(np.mean(epoch_seconds)) if epoch_seconds else None,
+        "seconds_per_epoch": seconds_per_epoch(epoch_seconds),
         "params": best_model.count_params(),
         "data_dir": str(data_dir),
         "n_train": meta["splits"]["train"]["n"],
     }
     try:
-        metrics.plot_history(workdir / "history.csv", workdir / "history.png")
+        metrics.plot_history(workdir / HISTORY_CSV, workdir / "history.png")
     except ValueError as exc:  # pragma: no cover - history exists at this point
         logging.warning("no learning-curve plot: %s", exc)
-    write_json(workdir / "metrics.json", result)
+    write_json(workdir / METRICS_JSON, result)
     logging.info("done in %.0fs: best %s %.3f at epoch %d; threshold %.3f",
-                 seconds, cfg.train.monitor, best_value, best_epoch + 1, threshold)
+                 seconds, cfg.train.monitor, best_value, best_epoch, threshold)
     return result

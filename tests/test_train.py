@@ -73,12 +73,15 @@ def test_run_directory_contents(prepared: Path, tmp_path: Path) -> None:
     cfg = json.loads((run / "config.json").read_text())
     assert cfg["train"]["epochs"] == 2 and cfg["data"]["dir"] == str(prepared.resolve())
     rows = history(run)
-    assert [r["epoch"] for r in rows] == ["0", "1"]
+    assert [r["epoch"] for r in rows] == ["1", "2"]  # counted from 1, as best_epoch is
     assert {"loss", "val_loss", "val_balanced_accuracy", "val_auc"} <= set(rows[0])
     on_disk = json.loads((run / "metrics.json").read_text())
     assert on_disk == json.loads(json.dumps(result))
     assert result["epochs_run"] == 2 and 0.0 <= result["threshold"] <= 1.0
     assert result["val_balanced_accuracy"] == max(float(r["val_balanced_accuracy"]) for r in rows)
+    best_row = next(r for r in rows if int(r["epoch"]) == result["best_epoch"])
+    assert float(best_row["val_balanced_accuracy"]) == result["objective"]
+    assert result["seconds_per_epoch"] > 0
     assert result["val"]["n"] == json.loads((prepared / "meta.json").read_text())["splits"]["val"]["n"]
     # TensorBoard: scalars and a confusion-matrix image per epoch.
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -88,7 +91,7 @@ def test_run_directory_contents(prepared: Path, tmp_path: Path) -> None:
     assert len(acc.Tags()["tensors"]) + len(acc.Tags()["images"]) > 0
     tags = acc.Tags()["tensors"]
     assert "confusion_matrix" in tags
-    assert len(acc.Tensors("confusion_matrix")) == 2
+    assert [e.step for e in acc.Tensors("confusion_matrix")] == [1, 2]
     # A finished run is not trained again.
     mtime = (run / "model.keras").stat().st_mtime
     assert train_and_evaluate(tiny("train.epochs=2", "train.checkpoint_every=2"), prepared, run) == result
@@ -141,7 +144,7 @@ def test_resume_after_kill_matches_an_uninterrupted_run(prepared: Path, tmp_path
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert f"resuming after epoch {killed_at}" in proc.stderr
     epochs = [int(r["epoch"]) for r in history(run)]
-    assert epochs == list(range(30))
+    assert epochs == list(range(1, 31))
     assert json.loads((run / "metrics.json").read_text())["epochs_run"] == 30
     # Exact resume: the same batches, augmentation and optimizer state as a run never killed.
     train_and_evaluate(tiny("train.epochs=30", "train.checkpoint_every=1"), prepared, tmp_path / "whole")
@@ -164,8 +167,34 @@ def test_interrupted_epoch_is_reported_again_and_early_stopping_keeps_its_patien
     result = train_and_evaluate(cfg, prepared, run, callbacks=[second])
     assert first.seen + second.seen == list(range(whole["epochs_run"]))
     assert result["epochs_run"] == whole["epochs_run"]  # patience carried over the resume
-    assert [int(r["epoch"]) for r in history(run)] == list(range(whole["epochs_run"]))
+    assert [int(r["epoch"]) for r in history(run)] == list(range(1, whole["epochs_run"] + 1))
     np.testing.assert_allclose(curves(run), curves(tmp_path / "whole"), rtol=1e-4)
+
+
+@pytest.mark.slow
+def test_run_with_0_based_history_resumes_counting_from_1(prepared: Path, tmp_path: Path) -> None:
+    """Runs written before epochs were counted from 1 have a 0-based history.csv: resuming one
+    rewrites it 1-based and carries on, and reading one (metrics.read_history) shifts it."""
+    from drtune.metrics import read_history
+
+    cfg = tiny("train.epochs=3")
+    run = tmp_path / "run"
+    with pytest.raises(Interrupted):
+        train_and_evaluate(cfg, prepared, run, callbacks=[Reporter(die_at=2)])
+    assert epochs_done(run) == 2
+    rows = history(run)[:2]
+    old = run / "history.csv"  # as the older version wrote it: epochs 0 and 1
+    with old.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows({**r, "epoch": str(int(r["epoch"]) - 1)} for r in rows)
+    assert [r["epoch"] for r in read_history(old)] == ["1", "2"]
+    result = train_and_evaluate(cfg, prepared, run)
+    after = history(run)
+    assert [r["epoch"] for r in after] == ["1", "2", "3"] and after[:2] == rows
+    assert result["epochs_run"] == 3 and 1 <= result["best_epoch"] <= 3
+    best_row = after[result["best_epoch"] - 1]
+    assert float(best_row["val_balanced_accuracy"]) == result["objective"]
 
 
 @pytest.mark.slow
@@ -189,7 +218,7 @@ def test_a_run_taken_over_stops_without_writing(prepared: Path, tmp_path: Path) 
     assert not changed, changed
     # The new owner resumes it; every epoch is recorded once.
     assert train_and_evaluate(cfg, prepared, run)["epochs_run"] == 4
-    assert [int(r["epoch"]) for r in history(run)] == [0, 1, 2, 3]
+    assert [int(r["epoch"]) for r in history(run)] == [1, 2, 3, 4]
 
 
 def test_disk_full_is_one_line_and_keeps_good_models(prepared: Path, tmp_path: Path,
@@ -217,7 +246,7 @@ def test_disk_full_is_one_line_and_keeps_good_models(prepared: Path, tmp_path: P
     assert not list(run.rglob(".*tmp*"))
     monkeypatch.setattr(keras.Model, "save", save)
     assert main(argv) == 0
-    assert [int(r["epoch"]) for r in history(run)] == [0, 1, 2]
+    assert [int(r["epoch"]) for r in history(run)] == [1, 2, 3]
 
 
 def test_truncated_shard_names_the_data_and_prepare(prepared: Path, tmp_path: Path, capsys) -> None:
