@@ -27,6 +27,8 @@ def load_run(run_dir: Path | str) -> tuple[Any, dict[str, Any], dict[str, Any]]:
     """(model, data.json, metrics.json) of a finished run, with clear errors for anything missing."""
     import keras
 
+    from drtune import ensemble  # noqa: F401  (registers the layer that ensemble models hold)
+
     run = Path(run_dir)
     if not run.is_dir():
         raise InputError(f"{run}: run directory not found")
@@ -36,7 +38,10 @@ def load_run(run_dir: Path | str) -> tuple[Any, dict[str, Any], dict[str, Any]]:
     for name in ("data.json", "metrics.json"):
         if not (run / name).is_file():
             raise InputError(f"{run}: missing {name}; the run did not finish")
-    model = keras.models.load_model(model_path)
+    from drtune.model import as_float32
+
+    # A model trained in mixed precision is evaluated, thresholded and explained in float32.
+    model = as_float32(keras.models.load_model(model_path))
     return model, json.loads((run / "data.json").read_text()), json.loads((run / "metrics.json").read_text())
 
 

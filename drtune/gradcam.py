@@ -10,6 +10,10 @@ logits (``z_1 - z_0`` for RDR): it does not saturate as P -> 1 the way the proba
 for the GAP -> dense head its map is exactly where the decision's evidence sits (a CAM of the
 logit difference). Maps are ReLU'd and divided by their own maximum, so compare *where* maps
 point, not their intensity across images; an all-zero map means no positive evidence anywhere.
+
+An ensemble run (:mod:`drtune.ensemble`) has no single feature map: its map is the mean of its
+members' maps and its P(RDR) the ensemble's. ``run_gradcam(names=...)`` renders a gallery on the
+images of another one, in its order, so that two models compare photograph by photograph.
 """
 
 from __future__ import annotations
@@ -41,6 +45,8 @@ LABELLED, UNLABELLED = ("FN", "FP", "TP", "TN"), ("RDR?", "NRDR?")
 PREFIX = {"FN": "fn", "FP": "fp", "TP": "tp", "TN": "tn", "RDR?": "called-rdr", "NRDR?": "called-nrdr"}
 SELECTION = ("all errors first (false negatives, then false positives, most confident first), "
              "then true positives and true negatives alternately, most confident first")
+# The selection of a gallery given its images by name (``run_gradcam(names=...)``).
+NAMED = "the images asked for by name (another gallery's), in that gallery's order"
 
 
 # --------------------------------------------------------------------------- heatmaps (pure)
@@ -102,6 +108,24 @@ def _cams(model: Any, images: np.ndarray, class_index: int | None, layer: str,
     return np.clip(np.concatenate(maps or empty[0]), 0.0, 1.0), np.concatenate(probs or empty[1])
 
 
+def _explain(model: Any, images: np.ndarray, class_index: int | None, layer: str,
+             batch_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """``_cams`` of a single model, or of an ensemble (:mod:`drtune.ensemble`), which has no single
+    feature map: there the map is the mean of the members' maps (each scaled to its own maximum
+    first, so that every member counts alike), rescaled to its own maximum like any map, and
+    P(RDR) is the ensemble's own (the mean of its members', each with its TTA views)."""
+    from drtune.ensemble import member_models
+
+    members = member_models(model)
+    if not members:
+        return _cams(model, images, class_index, layer, batch_size)
+    maps = np.mean([_cams(m, images, class_index, layer, batch_size)[0] for m in members], axis=0)
+    peak = maps.max(axis=(1, 2), keepdims=True) if len(maps) else maps
+    maps = np.divide(maps, peak, out=np.zeros_like(maps), where=peak > 0)
+    p = model.predict(np.asarray(images, np.float32), verbose=0)[:, RDR] if len(images) else np.zeros(0)
+    return maps, p
+
+
 def heatmaps(model: Any, images: np.ndarray, class_index: int | None = None,
              layer: str = FEATURE_LAYER, batch_size: int = 16) -> np.ndarray:
     """Grad-CAM maps [B,H,W] float32 in [0, 1] at the input size, computed ``batch_size`` at a time.
@@ -109,9 +133,10 @@ def heatmaps(model: Any, images: np.ndarray, class_index: int | None = None,
     ``images``: float32 RGB 0..255 [B,H,W,3], as the model takes them. ``class_index``: the class
     explained; None means RDR (index 1), the class a screener wants located. ``layer``: the
     feature map differentiated against (default the last, ``FEATURE_LAYER``; an earlier stage
-    gives finer, less class-specific maps). ``InputError`` if the model has no such layer.
+    gives finer, less class-specific maps). ``InputError`` if the model has no such layer. An
+    ensemble's map is the mean of its members' maps (``_explain``).
     """
-    return _cams(model, images, class_index, layer, batch_size)[0]
+    return _explain(model, images, class_index, layer, batch_size)[0]
 
 
 # --------------------------------------------------------------------------- lesion masks
@@ -180,7 +205,7 @@ def pointing_score(model: Any, synth_root: Path | str, split: str, info: dict[st
     tol = max(2, round(int(info["input_size"]) / 32)) if tolerance is None else int(tolerance)
     batch, errors = model_inputs([files[r.name] for r in rows], info)
     ok = [i for i, e in enumerate(errors) if e is None]
-    maps, p = _cams(model, batch[ok], RDR, layer, 16)
+    maps, p = _explain(model, batch[ok], RDR, layer, 16)
     per_image = []
     for k, i in enumerate(ok):
         if p[k] < threshold:
@@ -259,20 +284,17 @@ def _pointing_caption(row: dict[str, Any]) -> str:
             f"{row['lesion_energy']:.0%} of the map on lesions")
 
 
-def _write_index(out: Path, summary: dict[str, Any]) -> None:
-    rows = summary["images"]
-    parts = [f"<h1>Grad-CAM: {html.escape(summary['run'])}</h1><p>{html.escape(summary['source'])}; "
-             f"threshold {summary['threshold']:.3f}; maps explain RDR from layer "
-             f"<code>{html.escape(summary['layer'])}</code>. Each map is scaled to its own maximum: "
-             "red is the strongest evidence for RDR <i>in that image</i>, so in images called NRDR "
-             "it marks the least weak evidence, not a finding."
-             + (" White outlines: known lesions." if summary.get("masks") else "") + "</p>"]
-    if summary.get("selection"):
-        parts.append(f"<p>Shown: {summary['n']} of {summary['n_split']} images: "
-                     f"{html.escape(summary['selection'])}.</p>")
-    if summary.get("pointing"):
-        parts.append(f'<p class="pointing"><b>Pointing game</b> (does the map peak on a known lesion?): '
-                     f"{html.escape(summary['pointing_text'])}.</p>")
+def _figures(rows: Sequence[dict[str, Any]], with_group: bool = False) -> str:
+    return "".join(
+        f'<figure data-p="{r["p_rdr"]:.6f}"><a href="{quote(r["png"])}"><img src="{quote(r["png"])}" '
+        f'alt="{html.escape(r["name"])}" loading="lazy"></a><figcaption>{html.escape(r["name"])}: '
+        f'P(RDR) {r["p_rdr"]:.3f}' + (f' ({html.escape(r["group"])})' if with_group else "")
+        + f'{_pointing_caption(r)}</figcaption></figure>' for r in rows)
+
+
+def _group_sections(summary: dict[str, Any]) -> list[str]:
+    """One heading per group of ``GROUPS`` with its images (the gallery's usual layout)."""
+    rows, parts = summary["images"], []
     in_split = summary.get("split_groups") or {}
     for key, heading, meaning in GROUPS:
         group = [r for r in rows if r["group"] == key]
@@ -293,11 +315,38 @@ def _write_index(out: Path, summary: dict[str, Any]) -> None:
                             f"{html.escape(r['error'])}</li>" for r in group)
             parts.append(f'<ul class="errors">{items}</ul>')
             continue
-        figs = "".join(
-            f'<figure data-p="{r["p_rdr"]:.6f}"><a href="{quote(r["png"])}"><img src="{quote(r["png"])}" '
-            f'alt="{html.escape(r["name"])}" loading="lazy"></a><figcaption>{html.escape(r["name"])}: '
-            f'P(RDR) {r["p_rdr"]:.3f}{_pointing_caption(r)}</figcaption></figure>' for r in group)
-        parts.append(f'<div class="group">{figs}</div>')
+        parts.append(f'<div class="group">{_figures(group)}</div>')
+    return parts
+
+
+def _named_section(summary: dict[str, Any]) -> list[str]:
+    """The images given by name, in their order (to set beside the gallery they came from), each
+    captioned with this run's group; the group sizes of the whole split above them."""
+    in_split = summary.get("split_groups") or {}
+    sizes = ", ".join(f"{heading.lower()} {in_split[key]}" for key, heading, _ in GROUPS if key in in_split)
+    return [f"<h2>In the order given</h2><p>This run on the whole {html.escape(summary['split'])} split: "
+            f"{sizes}.</p>", f'<div class="group">{_figures(summary["images"], with_group=True)}</div>']
+
+
+def _write_index(out: Path, summary: dict[str, Any]) -> None:
+    parts = [f"<h1>Grad-CAM: {html.escape(summary['run'])}</h1><p>{html.escape(summary['source'])}; "
+             f"threshold {summary['threshold']:.3f}; maps explain RDR from layer "
+             f"<code>{html.escape(summary['layer'])}</code>. Each map is scaled to its own maximum: "
+             "red is the strongest evidence for RDR <i>in that image</i>, so in images called NRDR "
+             "it marks the least weak evidence, not a finding."
+             + (" White outlines: known lesions." if summary.get("masks") else "") + "</p>"]
+    if summary.get("ensemble"):
+        parts.append(f"<p>An ensemble of {len(summary['ensemble'])} models "
+                     f"({html.escape(', '.join(summary['ensemble']))}): each map is the mean of the "
+                     "members' Grad-CAM maps (each scaled to its own maximum first); P(RDR) is the "
+                     "ensemble's, the mean of its members'.</p>")
+    if summary.get("selection"):
+        parts.append(f"<p>Shown: {summary['n']} of {summary['n_split']} images: "
+                     f"{html.escape(summary['selection'])}.</p>")
+    if summary.get("pointing"):
+        parts.append(f'<p class="pointing"><b>Pointing game</b> (does the map peak on a known lesion?): '
+                     f"{html.escape(summary['pointing_text'])}.</p>")
+    parts += _named_section(summary) if summary.get("named") else _group_sections(summary)
     style = ("body{font-family:sans-serif;margin:1em 2em}.group{display:flex;flex-wrap:wrap;gap:8px}"
              "figure{margin:0;width:500px}img{width:100%}figcaption{font-size:90%}small{color:#666}"
              ".none{color:#666;font-style:italic}.pointing{background:#f3f3f3;padding:.5em}")
@@ -308,8 +357,10 @@ def _write_index(out: Path, summary: dict[str, Any]) -> None:
 
 
 def _split_batch(model: Any, info: dict[str, Any], run_dir: Path, data_dir: Path, split: str, n: int,
-                 threshold: float) -> tuple[np.ndarray, list[str], list[int], dict[str, int]]:
-    """(images, names, labels) of the ``n`` gallery images of a prepared split, and its group sizes."""
+                 threshold: float, wanted: Sequence[str] | None = None,
+                 ) -> tuple[np.ndarray, list[str], list[int], dict[str, int]]:
+    """(images, names, labels) of the ``n`` gallery images of a prepared split (or of the images
+    named ``wanted``, in that order), and its group sizes."""
     from drtune import data
     from drtune.evaluate import check_data_matches_run, predictor
     from drtune.prepare import load_meta
@@ -321,7 +372,15 @@ def _split_batch(model: Any, info: dict[str, Any], run_dir: Path, data_dir: Path
     size = info["input_size"] if info["input_size"] != info["size"] else None
     ds = data.eval_dataset(data_dir, split, 32, cache=False, image_size=size, meta=meta)
     y = data.split_labels(data_dir, split, meta)
+    names = data.split_names(data_dir, split, meta)
     pick, counts = _choose(y, predictor(model, run_dir).predict(ds, verbose=0)[:, RDR], threshold, n)
+    if wanted is not None:
+        index = {name: i for i, name in enumerate(names)}
+        missing = [name for name in wanted if name not in index]
+        if missing:
+            raise InputError(f"{data_dir}: the {split} split has no image named {', '.join(map(repr, missing[:5]))}"
+                             + (f" and {len(missing) - 5} more" if len(missing) > 5 else ""))
+        pick = [index[name] for name in wanted]
     slot, seen = {j: k for k, j in enumerate(pick)}, 0
     batch = np.zeros((len(pick),) + tuple(model.input_shape[1:]), np.float32)
     for b, _ in ds:  # a second pass keeps only the chosen images in memory
@@ -329,57 +388,99 @@ def _split_batch(model: Any, info: dict[str, Any], run_dir: Path, data_dir: Path
             if j in slot:
                 batch[slot[j]] = image
         seen += len(b)
-    names = data.split_names(data_dir, split, meta)
     return batch, [names[i] for i in pick], [int(y[i]) for i in pick], counts
+
+
+def _inputs(model: Any, info: dict[str, Any], run_dir: Path, data_dir: Path | str | None, split: str,
+            images: Sequence[Path | str], n: int, threshold: float, names: Sequence[str] | None,
+            summary: dict[str, Any]) -> tuple[np.ndarray, list[str], list[str], list[int | None], list[str | None]]:
+    """(batch, names, files, labels, errors) of the gallery's images; fills in ``summary``'s
+    description of where they come from and how they were chosen."""
+    from drtune.evaluate import model_inputs
+
+    if images:
+        paths = [Path(p) for p in images]
+        batch, errors = model_inputs(paths, info)
+        summary.update(source=f"{len(paths)} photograph(s)", n_split=len(paths))
+        return batch, [p.stem for p in paths], [str(p) for p in paths], [None] * len(paths), errors
+    data_dir = Path(data_dir or info["data_dir"])
+    batch, shown, labels, counts = _split_batch(model, info, run_dir, data_dir, split, n, threshold, names)
+    summary.update(source=f"{split} split of {data_dir}", split=split, data_dir=str(data_dir),
+                   n_split=sum(counts.values()), split_groups=counts, selection=SELECTION)
+    if names is not None:
+        summary.update(selection=NAMED, named=True)
+    return batch, shown, [f"{data_dir}:{split}"] * len(shown), list(labels), [None] * len(shown)
 
 
 def run_gradcam(run_dir: Path | str, out_dir: Path | str, data_dir: Path | str | None = None,
                 split: str = "test", images: Sequence[Path | str] = (), n: int = 16,
                 masks: Path | str | None = None, layer: str = FEATURE_LAYER,
-                tolerance: int | None = None) -> dict[str, Any]:
+                tolerance: int | None = None, names: Sequence[str] | None = None) -> dict[str, Any]:
     """Write a Grad-CAM gallery of a run to ``out_dir``: PNGs, ``index.html``, ``summary.json``.
 
     Either raw photographs ``images`` (all shown, preprocessed as ``prepare`` does; unreadable
     ones become error entries) or ``n`` images of a prepared ``split`` of ``data_dir`` (default:
-    the run's data) chosen as ``SELECTION`` says. ``masks``: a ``drtune synth`` root; adds lesion
-    outlines and the ``pointing_score`` (on the synth split ``split`` came from: test for test
-    and raw photos, train for train/val) to the gallery and the summary, which is returned.
+    the run's data) chosen as ``SELECTION`` says. ``names``: instead of choosing, show exactly
+    these images of the split, in this order (another gallery's ``images``, to compare two models
+    image by image); each keeps this run's own P(RDR) and group. ``masks``: a ``drtune synth``
+    root; adds lesion outlines and the ``pointing_score`` (on the synth split ``split`` came
+    from: test for test and raw photos, train for train/val) to the gallery and the summary,
+    which is returned. An ensemble run (``drtune.ensemble``) shows the mean of its members' maps.
     """
-    from drtune.evaluate import load_run, model_inputs, predictor
-    from drtune.synth import SYNTH_LAYOUT, mask_path
+    from drtune.ensemble import member_models
+    from drtune.evaluate import load_run, predictor
+    from drtune.synth import SYNTH_LAYOUT
     from drtune.train import write_json
 
     if images and data_dir is not None:
         raise InputError("give either --data/--split or IMAGE..., not both")
+    if images and names is not None:
+        raise InputError("names pick images of a prepared split: give them without IMAGE...")
     if n < 1:
         raise InputError(f"--n {n}: must be >= 1")
+    if names is not None and (not names or len(set(names)) != len(names)):
+        raise InputError(f"names: give each image of the split once, at least one ({len(names)} given)")
     model, info, run_metrics = load_run(run_dir)
-    _grad_model(model, layer, str(Path(run_dir) / "model.keras"))  # fail before any work
+    members = member_models(model)
+    for explained in members or [model]:  # fail before any work
+        _grad_model(explained, layer, str(Path(run_dir) / "model.keras"))
     threshold = float(run_metrics["threshold"])
     summary: dict[str, Any] = {"run": str(run_dir), "threshold": threshold, "layer": layer,
                                "masks": None if masks is None else str(masks)}
-    if images:
-        paths = [Path(p) for p in images]
-        batch, errors = model_inputs(paths, info)
-        names, files, labels = [p.stem for p in paths], [str(p) for p in paths], [None] * len(paths)
-        summary.update(source=f"{len(paths)} photograph(s)", n_split=len(paths))
-    else:
-        data_dir = Path(data_dir or info["data_dir"])
-        batch, names, labels, counts = _split_batch(model, info, Path(run_dir), data_dir, split, n, threshold)
-        errors, files = [None] * len(names), [f"{data_dir}:{split}"] * len(names)
-        summary.update(source=f"{split} split of {data_dir}", split=split, data_dir=str(data_dir),
-                       n_split=sum(counts.values()), split_groups=counts, selection=SELECTION)
+    if members:
+        summary["ensemble"] = [m.name for m in members]
+    batch, shown, files, labels, errors = _inputs(model, info, Path(run_dir), data_dir, split, images, n,
+                                                  threshold, names, summary)
     synth_split = "test" if images or split == "test" else "train"
     if masks is not None and not (Path(masks) / SYNTH_LAYOUT[synth_split][1]).is_file():
         raise InputError(f"--masks {masks}: not a 'drtune synth' folder (no {SYNTH_LAYOUT[synth_split][1]})")
     ok = [i for i, e in enumerate(errors) if e is None]
-    maps, p_ok = _cams(model, batch[ok], RDR, layer, 16)
+    maps, p_ok = _explain(model, batch[ok], RDR, layer, 16)
     averaged = predictor(model, run_dir)
     if ok and averaged is not model:
         # The heatmap explains the plain view; P(RDR) and the decision are the run's own, with
         # its test-time augmentation, so they match evaluate and predict.
         p_ok = averaged.predict(batch[ok], verbose=0)[:, RDR]
-    heat, p = dict(zip(ok, maps)), dict(zip(ok, p_ok))
+    rows = _rows(shown, files, labels, errors, dict(zip(ok, p_ok)), threshold, keep_order=names is not None)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    if masks is not None:  # first, so that each image's own result can go into its figure
+        summary.update(_pointing(model, masks, synth_split, info, threshold, layer, tolerance))
+    _render_rows(out, rows, batch, dict(zip(ok, maps)), threshold, info, masks, synth_split,
+                 summary.get("pointing"), numbered=names is not None)
+    summary.update(n=len(rows), images=rows,
+                   groups={g[0]: sum(r["group"] == g[0] for r in rows) for g in GROUPS})
+    _write_index(out, summary)
+    write_json(out / "summary.json", summary)
+    logging.info("wrote %d Grad-CAM image(s) and %s", len(ok), out / "index.html")
+    return summary
+
+
+def _rows(names: Sequence[str], files: Sequence[str], labels: Sequence[int | None],
+          errors: Sequence[str | None], p: dict[int, float], threshold: float,
+          keep_order: bool) -> list[dict[str, Any]]:
+    """One summary row per image (``i``: its index in the batch), in the gallery's order: by
+    group as ``GROUPS`` lists them, most confident first, unless ``keep_order``."""
     rows: list[dict[str, Any]] = []
     for i, name in enumerate(names):
         row = {"name": name, "file": files[i], "group": "error", "error": errors[i], "p_rdr": None,
@@ -392,32 +493,45 @@ def run_gradcam(run_dir: Path | str, out_dir: Path | str, data_dir: Path | str |
         else:
             logging.warning("%s: %s", files[i], errors[i])
         rows.append(row)
-    order = {g[0]: k for k, g in enumerate(GROUPS)}
-    rows.sort(key=lambda r: (order[r["group"]], -(r["p_rdr"] or 0.0)))
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    if masks is not None:  # first, so that each image's own result can go into its figure
-        score = pointing_score(model, masks, synth_split, info, threshold, layer, tolerance)
-        summary["pointing"] = score
-        summary["pointing_text"] = (
-            "n/a (no correctly classified RDR image)" if not score["n"] else
+    if not keep_order:
+        order = {g[0]: k for k, g in enumerate(GROUPS)}
+        rows.sort(key=lambda r: (order[r["group"]], -(r["p_rdr"] or 0.0)))
+    return rows
+
+
+def _pointing(model: Any, masks: Path | str, synth_split: str, info: dict[str, Any], threshold: float,
+              layer: str, tolerance: int | None) -> dict[str, Any]:
+    """The summary's ``pointing`` (``pointing_score``) and ``pointing_text``."""
+    score = pointing_score(model, masks, synth_split, info, threshold, layer, tolerance)
+    text = ("n/a (no correctly classified RDR image)" if not score["n"] else
             f"hit rate {score['hit_rate']:.2f} vs {score['baseline']:.2f} for a random peak, energy "
             f"share {score['energy_share']:.2f} (baseline {score['baseline']:.2f}), over {score['n']} "
             f"correctly classified RDR photos of the synth {synth_split} split (lesions dilated by "
             f"{score['tolerance_px']} px)")
-        logging.info("pointing game: %s", summary["pointing_text"])
-        scored = {s["name"]: s for s in score["images"]}
+    logging.info("pointing game: %s", text)
+    return {"pointing": score, "pointing_text": text}
+
+
+def _render_rows(out: Path, rows: list[dict[str, Any]], batch: np.ndarray, heat: dict[int, np.ndarray],
+                 threshold: float, info: dict[str, Any], masks: Path | str | None, synth_split: str,
+                 pointing: dict[str, Any] | None, numbered: bool) -> None:
+    """Render each readable row's PNG and name it in the row (``png``); pops the rows' ``i``."""
+    from drtune.synth import SYNTH_LAYOUT, mask_path
+
+    scored = {s["name"]: s for s in pointing["images"]} if pointing else {}
     photos = Path(masks) / SYNTH_LAYOUT[synth_split][0] if masks is not None else None
     digits = len(str(max(len(rows) - 1, 1)))
     rank_in_group: dict[str, int] = {}
-    for r in rows:
+    for pos, r in enumerate(rows):
         i = r.pop("i")
         if r["error"] is not None:
             continue
         # fn_00_<name>.png: the group first, so a flat listing (the dashboard's artifacts) sorts
-        # errors first and says what each image is; then the rank in the gallery's order.
+        # errors first and says what each image is; then the rank in the gallery's order. A
+        # gallery of given names keeps their order: its position comes first (00_fn_<name>.png).
         k = rank_in_group[r["group"]] = rank_in_group.get(r["group"], -1) + 1
-        r["png"] = f"{PREFIX[r['group']]}_{k:0{digits}d}_{_slug(r['name'])}.png"
+        r["png"] = (f"{pos:0{digits}d}_{PREFIX[r['group']]}_{_slug(r['name'])}.png" if numbered
+                    else f"{PREFIX[r['group']]}_{k:0{digits}d}_{_slug(r['name'])}.png")
         truth = f"; truth {r['truth']} ({r['group']})" if r["truth"] else ""
         title = f"{r['name']}: P(RDR) {r['p_rdr']:.3f} -> {r['decision']} (threshold {threshold:.3f}){truth}"
         if photos is not None and r["name"] in scored:
@@ -428,12 +542,6 @@ def run_gradcam(run_dir: Path | str, out_dir: Path | str, data_dir: Path | str |
         lesions = (lesion_masks(photo, mask_path(Path(masks), synth_split, r["name"]), info, 0)[0]
                    if photo is not None and photo.is_file() else None)
         _render(out / r["png"], batch[i], heat[i], title, lesions)
-    summary.update(n=len(rows), images=rows,
-                   groups={g[0]: sum(r["group"] == g[0] for r in rows) for g in GROUPS})
-    _write_index(out, summary)
-    write_json(out / "summary.json", summary)
-    logging.info("wrote %d Grad-CAM image(s) and %s", len(ok), out / "index.html")
-    return summary
 
 
 def gallery_artifacts(out_dir: Path | str) -> list[Path]:

@@ -156,6 +156,35 @@ def test_gallery_of_a_split(run: Path, prepared: Path, tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
+def test_gallery_of_named_images_keeps_their_order(run: Path, prepared: Path, tmp_path: Path) -> None:
+    """``names``: exactly those images of the split, in the order given, each with this run's own
+    P(RDR) and group (to set beside the gallery the names came from)."""
+    from drtune import data
+
+    first = gradcam.run_gradcam(run, tmp_path / "chosen", split="test", n=5)
+    wanted = [r["name"] for r in first["images"]][::-1]  # any order: here the reverse
+    summary = gradcam.run_gradcam(run, tmp_path / "named", split="test", names=wanted)
+    assert [r["name"] for r in summary["images"]] == wanted and summary["selection"] == gradcam.NAMED
+    by_name = {r["name"]: r for r in first["images"]}
+    for k, r in enumerate(summary["images"]):
+        assert r["png"] == f"{k}_{gradcam.PREFIX[r['group']]}_{r['name']}.png"
+        assert r["p_rdr"] == pytest.approx(by_name[r["name"]]["p_rdr"], abs=1e-6)
+        assert r["group"] == by_name[r["name"]]["group"]
+    page = (tmp_path / "named" / "index.html").read_text()
+    assert re.findall(r'alt="([^"]+)"', page) == wanted
+    assert summary["split_groups"] == first["split_groups"]  # the whole split, as any gallery
+    assert [a.name for a in gradcam.gallery_artifacts(tmp_path / "named")][1:] == [r["png"] for r in summary["images"]]
+    other = data.split_names(prepared, "test")
+    with pytest.raises(InputError, match="the test split has no image named 'nope'"):
+        gradcam.run_gradcam(run, tmp_path / "bad", split="test", names=[other[0], "nope"])
+    with pytest.raises(InputError, match="each image of the split once"):
+        gradcam.run_gradcam(run, tmp_path / "bad", split="test", names=[other[0], other[0]])
+    with pytest.raises(InputError, match="without IMAGE"):
+        gradcam.run_gradcam(run, tmp_path / "bad", images=["x.jpg"], names=[other[0]])
+    assert not (tmp_path / "bad").exists()
+
+
+@pytest.mark.slow
 def test_gallery_of_photos_with_an_unreadable_file(run: Path, synth_root: Path, tmp_path: Path) -> None:
     bad = tmp_path / "broken.jpg"
     bad.write_text("not a photograph")
