@@ -252,6 +252,24 @@ def _operating_rows(points: Sequence[Mapping[str, Any]]) -> list[list[str]]:
     return rows
 
 
+def _ensemble_lines(summary: Mapping[str, Any]) -> list[str]:
+    """The ensemble of the top trials beside the best single model, on the same test split."""
+    ens, single = summary["ensemble"], summary["test"]
+    test, trials = ens["test"], ", ".join(str(t) for t in ens["trials"])
+
+    def errors(cm: Sequence[Sequence[int]]) -> str:  # rows: truth NRDR, RDR; columns: the call
+        return f"{cm[1][0]} / {cm[0][1]}"
+
+    rows = [[_LABELS[k], _num(single.get(k)), f"{_num(test.get(k))} ({_ci((test.get('ci95') or {}).get(k))})"]
+            for k in TEST_METRICS if k in test]
+    rows += [["threshold (frozen on validation)", _num(summary.get("threshold")), _num(ens.get("threshold"))],
+             ["missed RDR / false alarms", errors(single["confusion_matrix"]), errors(test["confusion_matrix"])]]
+    return [f"**Ensemble of the top {len(ens['trials'])} trials** ({trials}): the mean of their fine-tuned "
+            "models' P(RDR), each with its own test-time augmentation, at a threshold chosen on the "
+            f"ensemble's validation predictions; run directory `{ens.get('run_dir', '-')}`.", "",
+            _table(["test metric", f"best single model (trial {summary['trial']})", "ensemble (95% CI)"], rows)]
+
+
 def write_finetune_note(study: optuna.Study, summary: Mapping[str, Any],
                         artifacts: Mapping[str, str | None] | None = None,
                         operating_points: Sequence[Mapping[str, Any]] | None = None,
@@ -261,9 +279,10 @@ def write_finetune_note(study: optuna.Study, summary: Mapping[str, Any],
 
     ``summary``: what ``finetune_best`` records (``trial``, ``params``, ``threshold``,
     ``val_balanced_accuracy``, ``test`` as in ``eval-test/metrics.json``, optionally
-    ``settings`` and ``run_dir``). ``artifacts``: study artifact ids of the plots to embed at full
-    size, by key ``confusion_matrix``, ``roc``, ``reliability``, ``history`` (missing ones are
-    left out). ``operating_points`` and ``calibration``: as in the model card's ``report.json``.
+    ``settings``, ``run_dir`` and ``ensemble``: ``trials``, ``threshold``, ``test`` and ``run_dir``
+    of the ensemble of the top trials). ``artifacts``: study artifact ids of the plots to embed at
+    full size, by key ``confusion_matrix``, ``roc``, ``reliability``, ``history``,
+    ``ensemble_confusion_matrix``, ``ensemble_roc`` (missing ones are left out). ``operating_points`` and ``calibration``: as in the model card's ``report.json``.
     ``report``: the artifact id of the uploaded model card (``report.html``), linked when given.
     """
     test, artifacts = summary["test"], dict(artifacts or {})
@@ -299,13 +318,16 @@ def write_finetune_note(study: optuna.Study, summary: Mapping[str, Any],
         won += (f" Fine-tuned from its best checkpoint: {settings.get('epochs', '?')} epochs at learning "
                 f"rate {_value(settings.get('lr', '?'))}, {settings.get('augment', '?')} augmentation.")
     lines += ["", won]
+    if summary.get("ensemble"):
+        lines += ["", *_ensemble_lines(summary)]
     if summary.get("run_dir"):
         lines += ["", f"Run directory: `{summary['run_dir']}`."]
     if report:
         lines += ["", f"**Model card:** [finetuned_report.html]({get_artifact_path(study, report)}) "
                       "(intended use, data, search, per-grade sensitivity, calibration, caveats)."]
     titles = {"confusion_matrix": "Confusion matrix (test)", "roc": "ROC curve (test)",
-              "reliability": "Reliability diagram (test)", "history": "Fine-tuning history"}
+              "reliability": "Reliability diagram (test)", "history": "Fine-tuning history",
+              "ensemble_confusion_matrix": "Ensemble: confusion matrix (test)", "ensemble_roc": "Ensemble: ROC curve (test)"}
     for key, title in titles.items():
         if artifacts.get(key):
             lines += ["", f"### {title}", "", f"![{title}]({get_artifact_path(study, artifacts[key])})"]
