@@ -30,7 +30,7 @@ from optuna.trial import TrialState
 from tensorboard.plugins.hparams import api as hp
 
 from drtune import config as config_lib
-from drtune import metrics, runs
+from drtune import devices, metrics, runs
 # train is used as a module (train.train_and_evaluate) so that tests can replace its functions.
 from drtune import train
 from drtune.config import Config
@@ -249,6 +249,7 @@ class Objective:
         trial.set_user_attr("run_dir", str(run))
         # Which worker ran it: useful in the dashboard when many machines share a study.
         trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")
+        trial.set_user_attr("gpu", devices.configure())  # "cpu", or the GPU's model name
         if "CUDA_VISIBLE_DEVICES" in os.environ:
             trial.set_user_attr("cuda_visible_devices", os.environ["CUDA_VISIBLE_DEVICES"])
         logging.info("trial %d: %s -> %s", trial.number,

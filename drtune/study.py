@@ -214,8 +214,10 @@ def make_pruner(cfg: Config) -> optuna.pruners.BasePruner:
     s = cfg.search
     pruner: optuna.pruners.BasePruner
     if s.pruner == "median":
+        # Steps are epochs counted from 1, and the pruner spares steps < n_warmup_steps: + 1
+        # spares the first pruner_warmup_epochs epochs themselves.
         return optuna.pruners.MedianPruner(n_startup_trials=s.pruner_startup_trials,
-                                           n_warmup_steps=s.pruner_warmup_epochs)
+                                           n_warmup_steps=s.pruner_warmup_epochs + 1)
     if s.pruner == "hyperband":
         pruner = _Hyperband(min_resource=max(1, s.pruner_warmup_epochs), max_resource=cfg.train.epochs)
     elif s.pruner == "successive_halving":

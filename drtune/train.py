@@ -35,11 +35,11 @@ import tensorflow as tf
 from absl import logging
 
 from drtune import config as config_lib
-from drtune import data, metrics, runs
+from drtune import data, devices, metrics, runs
 from drtune.config import Config
 from drtune.errors import DrtuneError, InputError
 from drtune.metrics import read_history
-from drtune.model import build_model, compile_model
+from drtune.model import as_float32, build_model, compile_model
 from drtune.runs import CHECKPOINTS_DIR, CONFIG_JSON, DATA_JSON, HISTORY_CSV, METRICS_JSON, MODEL_KERAS
 from drtune.tta import tta_model
 
@@ -420,6 +420,7 @@ def train_and_evaluate(
     _check_workdir(cfg_dict, workdir)
     owner = RunOwner(workdir)
     owner.claim()
+    logging.info("%s: training on %s, %s", workdir, devices.configure(), cfg.train.precision)
     input_size = _write_run_files(workdir, cfg_dict, cfg, data_dir, meta)
     state_path = workdir / CHECKPOINTS_DIR / STATE
     state = json.loads(state_path.read_text()) if state_path.is_file() else {}
@@ -500,8 +501,8 @@ def _initial_model(cfg: Config, workdir: Path, epochs_done: int, init_model: Pat
         model = keras.models.load_model(init_model)
         logging.info("warm start from %s", init_model)
     else:
-        model = build_model(cfg.model, input_size)
-    compile_model(model, cfg.train.lr, cfg.train, steps)
+        model = build_model(cfg.model, input_size, cfg.train.precision)
+    compile_model(model, cfg.train.lr, cfg.train, steps, cfg.train.precision, cfg.train.jit_compile)
     return model
 
 
@@ -546,7 +547,7 @@ def _finish(cfg: Config, workdir: Path, data_dir: Path, meta: dict[str, Any], va
             y_val: np.ndarray, history: list[dict[str, str]], seconds: float,
             epoch_seconds: list[float]) -> dict[str, Any]:
     """Freeze the threshold on validation, write metrics.json and the learning-curve plot."""
-    best_model = keras.models.load_model(workdir / MODEL_KERAS)
+    best_model = as_float32(keras.models.load_model(workdir / MODEL_KERAS))  # as evaluate sees it
     # The threshold is frozen on the predictions evaluate/predict will make: with the TTA views.
     p_val = tta_model(best_model, cfg.train.tta).predict(val_ds, verbose=0)[:, 1]
     threshold = metrics.choose_threshold(y_val, p_val, cfg.train.threshold)

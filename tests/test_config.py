@@ -161,3 +161,16 @@ def test_check_prepared_names_all_differences_and_accepts_any(tmp_path: Path) ->
         f"{tmp_path}: prepared with --size 64 --normalize none but the config wants "
         "data.prepare_size = 128, data.normalize = 'graham'; prepare it again with "
         "'drtune prepare ... --config <study>' (or --size 128 --normalize graham)")
+
+
+def test_precision_and_jit_compile_keys() -> None:
+    cfg = load_config(None, [])
+    assert cfg.train.precision == "float32" and cfg.train.jit_compile == "auto"
+    cfg = load_config(None, ["train.precision=mixed_float16", "train.jit_compile=false"])
+    assert cfg.train.precision == "mixed_float16" and cfg.train.jit_compile is False
+    with pytest.raises(InputError, match=r"train.precision = 'fp16': must be one of float32, mixed_float16"):
+        load_config(None, ["train.precision=fp16"])
+    with pytest.raises(InputError, match=r'train.jit_compile = .yes.: must be "auto", true or false'):
+        load_config(None, ["train.jit_compile=yes"])
+    with pytest.raises(InputError, match=r"train.jit_compile: expected bool or str, got int 1"):
+        load_config(None, ["train.jit_compile=1"])

@@ -79,6 +79,10 @@ def test_history_best_epoch_and_study_steps_count_epochs_alike(pruned_study) -> 
     assert good.intermediate_values[m["best_epoch"]] == pytest.approx(good.value, abs=1e-12) == m["objective"]
     # seconds_per_epoch: the trial carries the run's own figure (train.seconds_per_epoch).
     assert m["seconds_per_epoch"] > 0 and good.user_attrs["seconds_per_epoch"] == round(m["seconds_per_epoch"], 3)
+    # The device beside the worker: "cpu" here, the GPU's model name on a GPU worker.
+    from drtune.devices import device_name
+
+    assert good.user_attrs["gpu"] == device_name() and good.user_attrs["worker"]
 
 
 @pytest.mark.slow

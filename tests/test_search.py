@@ -52,7 +52,7 @@ def test_grid_runs_every_point_once_with_attrs_and_artifacts(grid_study) -> None
     assert good.state == TrialState.COMPLETE
     assert 0.0 <= good.value <= 1.0
     assert good.value == pytest.approx(max(good.intermediate_values.values()))
-    assert sorted(good.intermediate_values) == [0, 1, 2]  # reported every epoch
+    assert sorted(good.intermediate_values) == [1, 2, 3]  # reported every epoch, counted from 1
     attrs = good.user_attrs
     assert attrs["epochs_run"] == 3 and Path(attrs["run_dir"]).is_dir()
     assert attrs["seconds_per_epoch"] > 0 and "threshold" in attrs
@@ -175,7 +175,7 @@ def test_killed_search_resumes_and_completes_grid(prepared: Path, tmp_path: Path
     cmd = _drtune("search", "--grid", "--config", str(path))
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     runs = Path(cfg.search.workdir) / "tiny"
-    deadline = time.monotonic() + 180
+    deadline = time.monotonic() + 900  # generous: a busy machine's first epochs are slow
     killed_run = None
     while time.monotonic() < deadline and proc.poll() is None and killed_run is None:
         for state in runs.glob("trial-*/checkpoints/state.json"):
@@ -318,7 +318,7 @@ def test_pruner_startup_trials_applies_to_every_pruner(tmp_path: Path) -> None:
         def run(value: float) -> tuple[optuna.Trial, bool]:
             """Report every epoch and ask the pruner each time, as the Keras callback does."""
             trial, pruned = study.ask(), False
-            for step in range(4):
+            for step in range(1, 5):  # epochs, counted from 1
                 trial.report(value, step)
                 pruned = pruned or trial.should_prune()
             return trial, pruned
@@ -329,6 +329,23 @@ def test_pruner_startup_trials_applies_to_every_pruner(tmp_path: Path) -> None:
         assert not pruned, f"{pruner} pruned with 1 of 2 start-up trials finished"
         study.tell(bad, 0.1)
         assert run(0.05)[1], f"{pruner} never prunes"
+
+
+def test_median_pruner_spares_the_warm_up_epochs() -> None:
+    from drtune.study import make_pruner
+
+    cfg = load_config(None, ["search.pruner=median", "search.pruner_startup_trials=1",
+                             "search.pruner_warmup_epochs=3"])
+    study = optuna.create_study(direction="maximize", pruner=make_pruner(cfg))
+    good = study.ask()
+    for epoch in range(1, 6):
+        good.report(0.9, epoch)
+    study.tell(good, 0.9)
+    bad, verdicts = study.ask(), []
+    for epoch in range(1, 6):
+        bad.report(0.1, epoch)
+        verdicts.append(bad.should_prune())
+    assert verdicts == [False, False, False, True, True]  # epochs 1-3 spared, then pruned
 
 
 def test_budget_flags_that_do_nothing_are_refused(capsys) -> None:

@@ -310,3 +310,25 @@ def test_learns_synthetic_lesions(tmp_path: Path) -> None:
     result = train_and_evaluate(cfg, tmp_path / "data", tmp_path / "run")
     # Per-epoch value at the fixed 0.5 threshold: not tuned on the split it is measured on.
     assert result["val_balanced_accuracy"] >= 0.9, result
+
+
+@pytest.mark.slow
+def test_mixed_precision_run_trains_resumes_and_evaluates_in_float32(prepared: Path, tmp_path: Path) -> None:
+    from drtune.evaluate import evaluate_run
+
+    run = tmp_path / "run"
+    cfg = tiny("train.epochs=2", "train.checkpoint_every=1", "train.precision=mixed_float16")
+    result = train_and_evaluate(cfg, prepared, run)
+    saved = keras.models.load_model(run / "model.keras")
+    assert saved.get_layer("stem_conv").dtype_policy.name == "mixed_float16"
+    assert saved.get_layer("probs").dtype_policy.name == "float32"
+    losses = [float(r["loss"]) for r in history(run)]
+    assert len(losses) == 2 and all(np.isfinite(losses))
+    # A resume starts from the checkpoint as saved: mixed layers and the loss-scaling optimizer.
+    last = keras.models.load_model(run / "checkpoints" / "last.keras")
+    assert isinstance(last.optimizer, keras.optimizers.LossScaleOptimizer)
+    assert last.get_layer("stem_conv").dtype_policy.name == "mixed_float16"
+    # The threshold was frozen on the float32 computation evaluate uses: same calls on val.
+    val = evaluate_run(run, prepared, "val")
+    assert val["confusion_matrix"] == result["val"]["confusion_matrix"]
+    assert val["threshold"] == result["threshold"]
