@@ -17,11 +17,13 @@ from typing import Sequence
 
 from absl import logging
 
+from drtune.devices import GROWTH_ENV
 from drtune.errors import InputError
 
 
 def parse_gpus(text: str | None) -> list[str]:
-    """``"0,1"`` -> ``["0", "1"]``; each entry must be a device index."""
+    """``"0,1"`` -> ``["0", "1"]``; each entry must be a device index. An index may repeat:
+    ``0,0,1,1`` deals two workers to each GPU."""
     if not text:
         return []
     gpus = [g.strip() for g in text.split(",") if g.strip()]
@@ -46,6 +48,8 @@ def worker_envs(n: int, gpus: Sequence[str], base: dict[str, str] | None = None)
         env = dict(base, DRTUNE_WORKER=f"{prefix}{i}")
         if gpus:
             env["CUDA_VISIBLE_DEVICES"] = gpus[i % len(gpus)]
+            # Grow GPU memory as needed, so that `--gpus 0,0` (two workers on one GPU) works.
+            env.setdefault(GROWTH_ENV, "true")
         envs.append(env)
     return envs
 

@@ -27,6 +27,10 @@ def test_worker_environments() -> None:
     assert [e["DRTUNE_WORKER"] for e in worker_envs(2, [], base={"DRTUNE_WORKER": "b"})] == ["b.0", "b.1"]
     assert all(e["PATH"] == "/bin" for e in envs)
     assert "CUDA_VISIBLE_DEVICES" not in worker_envs(2, [], base={})[0]
+    # Two workers per GPU: each grows its GPU memory instead of reserving all of it.
+    shared = worker_envs(4, parse_gpus("0,0,1,1"), base={})
+    assert [e["CUDA_VISIBLE_DEVICES"] for e in shared] == ["0", "0", "1", "1"]
+    assert all(e["TF_FORCE_GPU_ALLOW_GROWTH"] == "true" for e in shared)
     with pytest.raises(InputError, match="--gpus 'a,b'"):
         parse_gpus("a,b")
     with pytest.raises(InputError, match="--workers 0"):
