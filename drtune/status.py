@@ -55,16 +55,24 @@ def status_text(cfg: Config, storage: str | None = None, name: str | None = None
         lines += ["", "best: no trial has completed yet"]
     ft = study.user_attrs.get("finetune")
     if ft:
-        test = ft["test"]
-        ci = test.get("ci95", {}).get("balanced_accuracy")
-        ci_text = f" (95% CI {ci[0]:.3f}-{ci[1]:.3f})" if ci else ""
-        lines += [f"finetune of trial {ft['trial']}: test balanced accuracy {test['balanced_accuracy']:.4f}"
-                  f"{ci_text}, AUC {_fmt(test.get('auc'), '.3f')}, sensitivity "
-                  f"{_fmt(test.get('sensitivity'), '.3f')}, specificity {_fmt(test.get('specificity'), '.3f')}, "
-                  f"n={test['n']}", f"      run directory {ft['run_dir']}"]
+        lines += _test_lines(f"finetune of trial {ft['trial']}", ft)
+        ens = ft.get("ensemble")
+        if ens:  # drtune finetune --best --top-k K
+            lines += _test_lines(f"ensemble of trials {', '.join(map(str, ens['trials']))}", ens)
     else:
         lines.append("finetune: not run yet ('drtune finetune --best' with the same --config/--storage)")
     return "\n".join(lines)
+
+
+def _test_lines(what: str, result: dict[str, Any]) -> list[str]:
+    """A test result recorded by finetune (the fine-tuned model's or the ensemble's) and its run."""
+    test = result["test"]
+    ci = test.get("ci95", {}).get("balanced_accuracy")
+    ci_text = f" (95% CI {ci[0]:.3f}-{ci[1]:.3f})" if ci else ""
+    return [f"{what}: test balanced accuracy {test['balanced_accuracy']:.4f}{ci_text}, AUC "
+            f"{_fmt(test.get('auc'), '.3f')}, sensitivity {_fmt(test.get('sensitivity'), '.3f')}, "
+            f"specificity {_fmt(test.get('specificity'), '.3f')}, n={test['n']}",
+            f"      run directory {result['run_dir']}"]
 
 
 def _pruned_lines(trials: list[Any]) -> list[str]:

@@ -403,6 +403,45 @@ def test_status_fails_a_dead_workers_trial(prepared: Path, tmp_path: Path, capsy
     assert "RUNNING" not in out and "FAIL" in out and "WAITING" in out  # failed and queued for retry
 
 
+def _recorded_test(balanced_accuracy: float, ci: list[float], auc: float, n: int) -> dict:
+    """A ``test`` entry as finetune records it (finetune.TEST_KEYS)."""
+    return {"balanced_accuracy": balanced_accuracy, "accuracy": balanced_accuracy + 0.01, "auc": auc,
+            "sensitivity": 0.8125, "specificity": 0.75, "n": n, "confusion_matrix": [[12, 4], [3, 13]],
+            "ci95": {"balanced_accuracy": ci, "auc": [auc - 0.1, min(auc + 0.1, 1.0)]}}
+
+
+def test_status_shows_the_finetune_ensemble(tmp_path: Path, capsys) -> None:
+    """``finetune --top-k K`` records an ``ensemble`` beside the fine-tuned model; status shows both."""
+    url = f"sqlite:///{tmp_path / 'optuna.db'}"
+    study = optuna.create_study(study_name="s", storage=url, direction="maximize")
+    dist = {"train.lr": optuna.distributions.FloatDistribution(1e-4, 1e-2, log=True)}
+    for number, (lr, value) in enumerate(((3e-3, 0.81), (1e-3, 0.86), (5e-4, 0.78))):
+        study.add_trial(optuna.trial.create_trial(params={"train.lr": lr}, distributions=dist, value=value,
+                                                  user_attrs={"run_dir": str(tmp_path / f"s/trial-{number:04d}")}))
+    finetune = {"trial": 1, "run_dir": str(tmp_path / "s/finetune-trial-0001"), "params": {"train.lr": 1e-3},
+                "val_balanced_accuracy": 0.86, "threshold": 0.42, "test": _recorded_test(0.78125, [0.65, 0.9], 0.84, 32),
+                "settings": {"lr": 1e-4, "epochs": 3, "augment": "strong"}}
+    study.set_user_attr("finetune", finetune)
+    assert main(["status", "--storage", url, "--study", "s"]) == 0
+    out = capsys.readouterr().out
+    assert ("finetune of trial 1: test balanced accuracy 0.7812 (95% CI 0.650-0.900), AUC 0.840, "
+            "sensitivity 0.812, specificity 0.750, n=32") in out
+    assert "ensemble" not in out  # top-k 1: no ensemble line
+
+    run_dir = tmp_path / "s/finetune-top2"
+    study.set_user_attr("finetune", {**finetune, "ensemble": {
+        "trials": [1, 0], "run_dir": str(run_dir),
+        "members": [str(tmp_path / "s/finetune-trial-0001"), str(tmp_path / "s/finetune-trial-0000")],
+        "threshold": 0.47, "val": {"balanced_accuracy": 0.88, "auc": 0.9, "sensitivity": 0.9, "specificity": 0.86, "n": 20},
+        "test": _recorded_test(0.84375, [0.72, 0.95], 0.905, 32), "artifacts": {"roc": "a1", "confusion_matrix": "a2"}}})
+    assert main(["status", "--storage", url, "--study", "s"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    at = next(i for i, line in enumerate(lines) if line.startswith("finetune of trial 1:"))
+    assert lines[at + 2] == ("ensemble of trials 1, 0: test balanced accuracy 0.8438 (95% CI 0.720-0.950), "
+                             "AUC 0.905, sensitivity 0.812, specificity 0.750, n=32")
+    assert lines[at + 3].split() == ["run", "directory", str(run_dir)]
+
+
 @pytest.mark.slow
 def test_interrupted_grid_point_runs_again(prepared: Path, tmp_path: Path) -> None:
     """Ctrl-C mid-trial: one line, no traceback; the next search resumes the point and finishes it."""
