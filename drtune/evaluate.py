@@ -18,9 +18,8 @@ from absl import logging
 
 from drtune import metrics
 from drtune.errors import InputError
-from drtune.runs import prepared_differences, prepared_options
-
-CLASS_NAMES = ("NRDR", "RDR")
+from drtune.runs import (CLASS_NAMES, CONFIG_JSON, DATA_JSON, METRICS_JSON, MODEL_KERAS, PREDICTIONS_CSV, SPLITS,
+                         TEST, eval_dir, load_meta, prepared_differences, prepared_options)
 
 
 def load_run(run_dir: Path | str) -> tuple[Any, dict[str, Any], dict[str, Any]]:
@@ -32,17 +31,17 @@ def load_run(run_dir: Path | str) -> tuple[Any, dict[str, Any], dict[str, Any]]:
     run = Path(run_dir)
     if not run.is_dir():
         raise InputError(f"{run}: run directory not found")
-    model_path = run / "model.keras"
+    model_path = run / MODEL_KERAS
     if not model_path.is_file():
-        raise InputError(f"{run}: no model.keras (is the run finished? run 'drtune train' first)")
-    for name in ("data.json", "metrics.json"):
+        raise InputError(f"{run}: no {MODEL_KERAS} (is the run finished? run 'drtune train' first)")
+    for name in (DATA_JSON, METRICS_JSON):
         if not (run / name).is_file():
             raise InputError(f"{run}: missing {name}; the run did not finish")
     from drtune.model import as_float32
 
     # A model trained in mixed precision is evaluated, thresholded and explained in float32.
     model = as_float32(keras.models.load_model(model_path))
-    return model, json.loads((run / "data.json").read_text()), json.loads((run / "metrics.json").read_text())
+    return model, json.loads((run / DATA_JSON).read_text()), json.loads((run / METRICS_JSON).read_text())
 
 
 def predictor(model: Any, run_dir: Path | str) -> Any:
@@ -50,7 +49,7 @@ def predictor(model: Any, run_dir: Path | str) -> Any:
     augmentation of its config (``train.tta``), the same views its threshold was frozen with."""
     from drtune.tta import tta_model
 
-    path = Path(run_dir) / "config.json"
+    path = Path(run_dir) / CONFIG_JSON
     tta = json.loads(path.read_text()).get("train", {}).get("tta", "none") if path.is_file() else "none"
     return tta_model(model, tta)
 
@@ -67,15 +66,14 @@ def check_data_matches_run(meta: dict[str, Any], info: dict[str, Any], data_dir:
                          f"prepare it with {' '.join(d.fix for d in diffs)}")
 
 
-def evaluate_run(run_dir: Path | str, data_dir: Path | str | None = None, split: str = "test",
+def evaluate_run(run_dir: Path | str, data_dir: Path | str | None = None, split: str = TEST,
                  n_boot: int = 1000, batch_size: int = 32) -> dict[str, Any]:
     """Metrics of a run on ``split`` at its frozen threshold; writes ``RUN/eval-<split>/``."""
     from drtune import data
-    from drtune.prepare import load_meta
     from drtune.train import write_json
 
-    if split not in ("train", "val", "test"):
-        raise InputError(f"--split {split!r}: must be train, val or test")
+    if split not in SPLITS:
+        raise InputError(f"--split {split!r}: must be {', '.join(SPLITS[:-1])} or {SPLITS[-1]}")
     if n_boot < 1:
         raise InputError(f"--n-boot {n_boot}: must be >= 1")
     run = Path(run_dir)
@@ -95,15 +93,15 @@ def evaluate_run(run_dir: Path | str, data_dir: Path | str | None = None, split:
     result = metrics.report(y, p_rdr, threshold, n_boot=n_boot)
     result.update(split=split, data_dir=str(data_dir), run=str(run))
 
-    out = run / f"eval-{split}"
+    out = eval_dir(run, split)
     out.mkdir(exist_ok=True)
     title = f"{run.name}: {split} (n={len(y)}, threshold {threshold:.3f})"
     metrics.plot_confusion_matrix(result["confusion_matrix"], out / "confusion_matrix.png", title)
     metrics.plot_roc(y, p_rdr, out / "roc.png", threshold=threshold, title=title)
-    _write_csv(out / "predictions.csv", ["name", "label", "p_rdr", "decision", "grade"],
+    _write_csv(out / PREDICTIONS_CSV, ["name", "label", "p_rdr", "decision", "grade"],
                [[n, int(t), f"{p:.6f}", CLASS_NAMES[int(p >= threshold)], int(g)]
                 for n, t, p, g in zip(names, y, p_rdr, grades)])
-    write_json(out / "metrics.json", result)
+    write_json(out / METRICS_JSON, result)
     ci = result["ci95"]
     logging.info("%s %s: balanced accuracy %.3f (95%% CI %s), AUC %s, sensitivity %s, specificity %s",
                  run, split, result["balanced_accuracy"], _fmt_ci(ci.get("balanced_accuracy")),

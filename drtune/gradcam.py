@@ -31,9 +31,9 @@ from absl import logging
 
 from drtune.errors import InputError
 from drtune.model import FEATURE_LAYER
+from drtune.runs import CLASS_NAMES, MODEL_KERAS, SPLITS, TEST, TRAIN, load_meta
 
 RDR = 1
-CLASS_NAMES = ("NRDR", "RDR")
 # Gallery sections in display order, errors first (a missed RDR is what a screener fears most):
 # key, heading, what it means.
 GROUPS = (("FN", "False negatives", "RDR, called NRDR"), ("FP", "False positives", "NRDR, called RDR"),
@@ -154,10 +154,10 @@ def lesion_masks(photo: Path | str, mask_file: Path | str, info: dict[str, Any],
     import cv2
 
     from drtune.fundus import Field, crop_square, find_field
-    from drtune.prepare import decode_image
+    from drtune.prepare import decode_photo
 
     size, n = int(info["size"]), int(info["input_size"])
-    rgb = decode_image(Path(photo).read_bytes(), size, str(photo))
+    rgb = decode_photo(Path(photo).read_bytes(), size)
     mask = cv2.imread(str(mask_file), cv2.IMREAD_GRAYSCALE)
     if mask is None:
         raise InputError(f"{mask_file}: lesion mask missing or unreadable")
@@ -363,10 +363,9 @@ def _split_batch(model: Any, info: dict[str, Any], run_dir: Path, data_dir: Path
     named ``wanted``, in that order), and its group sizes."""
     from drtune import data
     from drtune.evaluate import check_data_matches_run, predictor
-    from drtune.prepare import load_meta
 
-    if split not in ("train", "val", "test"):
-        raise InputError(f"--split {split!r}: must be train, val or test")
+    if split not in SPLITS:
+        raise InputError(f"--split {split!r}: must be {', '.join(SPLITS[:-1])} or {SPLITS[-1]}")
     meta = load_meta(data_dir)
     check_data_matches_run(meta, info, data_dir, run_dir)
     size = info["input_size"] if info["input_size"] != info["size"] else None
@@ -413,7 +412,7 @@ def _inputs(model: Any, info: dict[str, Any], run_dir: Path, data_dir: Path | st
 
 
 def run_gradcam(run_dir: Path | str, out_dir: Path | str, data_dir: Path | str | None = None,
-                split: str = "test", images: Sequence[Path | str] = (), n: int = 16,
+                split: str = TEST, images: Sequence[Path | str] = (), n: int = 16,
                 masks: Path | str | None = None, layer: str = FEATURE_LAYER,
                 tolerance: int | None = None, names: Sequence[str] | None = None) -> dict[str, Any]:
     """Write a Grad-CAM gallery of a run to ``out_dir``: PNGs, ``index.html``, ``summary.json``.
@@ -443,7 +442,7 @@ def run_gradcam(run_dir: Path | str, out_dir: Path | str, data_dir: Path | str |
     model, info, run_metrics = load_run(run_dir)
     members = member_models(model)
     for explained in members or [model]:  # fail before any work
-        _grad_model(explained, layer, str(Path(run_dir) / "model.keras"))
+        _grad_model(explained, layer, str(Path(run_dir) / MODEL_KERAS))
     threshold = float(run_metrics["threshold"])
     summary: dict[str, Any] = {"run": str(run_dir), "threshold": threshold, "layer": layer,
                                "masks": None if masks is None else str(masks)}
@@ -451,7 +450,8 @@ def run_gradcam(run_dir: Path | str, out_dir: Path | str, data_dir: Path | str |
         summary["ensemble"] = [m.name for m in members]
     batch, shown, files, labels, errors = _inputs(model, info, Path(run_dir), data_dir, split, images, n,
                                                   threshold, names, summary)
-    synth_split = "test" if images or split == "test" else "train"
+    # A synth folder has a train and a test part; val was drawn from its train part.
+    synth_split = TEST if images or split == TEST else TRAIN
     if masks is not None and not (Path(masks) / SYNTH_LAYOUT[synth_split][1]).is_file():
         raise InputError(f"--masks {masks}: not a 'drtune synth' folder (no {SYNTH_LAYOUT[synth_split][1]})")
     ok = [i for i, e in enumerate(errors) if e is None]

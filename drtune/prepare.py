@@ -50,8 +50,6 @@ from drtune.runs import META_JSON, SPLITS, TEST, TRAIN, VAL
 # refused before TensorFlow's start-up of several seconds.
 
 ON_ERROR: tuple[str, ...] = ("fail", "skip")
-# load_meta lives in runs.py; train.py, evaluate.py and gradcam.py still import it from here.
-load_meta = runs.load_meta
 
 
 @dataclass(frozen=True)
@@ -262,11 +260,6 @@ def decode_photo(data: bytes, size: int) -> np.ndarray:
     if bgr is None:
         raise ImageError("cannot be decoded (corrupt image data)")
     return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
-
-
-def decode_image(data: bytes, size: int, where: str = "") -> np.ndarray:
-    """The former name of :func:`decode_photo`, kept for gradcam.py; ``where`` is unused."""
-    return decode_photo(data, size)
 
 
 def preprocess_file(path: Path | str, size: int = 256, normalize: str = "none") -> np.ndarray:
