@@ -15,12 +15,13 @@ from drtune.errors import InputError
 
 def test_check_prepared_names_the_difference(tmp_path: Path) -> None:
     cfg = config_lib.load_config("real")
-    assert (cfg.data.prepare_size, cfg.data.normalize) == (256, "graham")
-    config_lib.check_prepared(cfg, {"size": 256, "normalize": "graham"}, tmp_path)  # matches
+    assert (cfg.data.prepare_size, cfg.data.normalize) == (384, "graham")
+    assert cfg.train.threshold == "fixed"  # 0.5, the balanced point of oversampled training
+    config_lib.check_prepared(cfg, {"size": 384, "normalize": "graham"}, tmp_path)  # matches
     with pytest.raises(InputError, match=r"prepared with --normalize none .* data.normalize = 'graham'"):
-        config_lib.check_prepared(cfg, {"size": 256, "normalize": "none"}, tmp_path)
-    with pytest.raises(InputError, match=r"prepared with --size 384 .* data.prepare_size = 256"):
-        config_lib.check_prepared(cfg, {"size": 384, "normalize": "graham"}, tmp_path)
+        config_lib.check_prepared(cfg, {"size": 384, "normalize": "none"}, tmp_path)
+    with pytest.raises(InputError, match=r"prepared with --size 256 .* data.prepare_size = 384"):
+        config_lib.check_prepared(cfg, {"size": 256, "normalize": "graham"}, tmp_path)
     # The defaults expect nothing in particular: any prepared data is accepted.
     config_lib.check_prepared(config_lib.load_config(None), {"size": 64, "normalize": "none"}, tmp_path)
 
@@ -28,7 +29,7 @@ def test_check_prepared_names_the_difference(tmp_path: Path) -> None:
 def test_prepare_with_the_study_and_explicit_flags_winning(synth_root: Path, tmp_path: Path) -> None:
     assert main(["prepare", str(synth_root), "--out", str(tmp_path / "a"), "--config", "real"]) == 0
     meta = json.loads((tmp_path / "a" / "meta.json").read_text())
-    assert (meta["size"], meta["normalize"]) == (256, "graham")
+    assert (meta["size"], meta["normalize"]) == (384, "graham")
     assert main(["prepare", str(synth_root), "--out", str(tmp_path / "b"), "--config", "real",
                  "--size", "64", "--normalize", "none"]) == 0
     meta = json.loads((tmp_path / "b" / "meta.json").read_text())
@@ -40,14 +41,14 @@ def test_training_the_study_on_other_data_is_refused(prepared: Path, tmp_path: P
     out = tmp_path / "run"
     assert main(["train", "--data", str(prepared), "--out", str(out), "--config", "real"]) == 2
     err = capsys.readouterr().err
-    assert "drtune: error:" in err and "data.prepare_size = 256" in err
+    assert "drtune: error:" in err and "data.prepare_size = 384" in err
     assert not (out / "config.json").exists()  # refused before anything was written
 
 
 @pytest.mark.slow
 def test_the_study_training_options_train_and_reload(prepared: Path, tmp_path: Path) -> None:
     """AdamW, warm-up + cosine, label smoothing and flip TTA together: a run completes, resumes
-    as complete, and its frozen threshold came from the TTA predictions."""
+    as complete, and keeps the study's fixed threshold."""
     from drtune.train import train_and_evaluate
 
     cfg = config_lib.load_config("real", ["data.prepare_size=0", "data.normalize=''", "model.width=4",
@@ -57,6 +58,7 @@ def test_the_study_training_options_train_and_reload(prepared: Path, tmp_path: P
     assert result["epochs_run"] == 3 and 0.0 <= result["threshold"] <= 1.0
     saved = json.loads((tmp_path / "run" / "config.json").read_text())["train"]
     assert (saved["optimizer"], saved["schedule"], saved["tta"]) == ("adamw", "cosine", "flips")
+    assert result["threshold"] == 0.5  # train.threshold = "fixed"
     assert train_and_evaluate(cfg, prepared, tmp_path / "run")["threshold"] == result["threshold"]
 
 
