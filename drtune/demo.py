@@ -50,11 +50,13 @@ def run_demo(workdir: Path | str = "demo-work", study: Path | str | None = None)
     summary = finetune_best(cfg, storage=storage)
     test = summary["test"]
     flags = f"--config {shlex.quote(str(study))} --storage {shlex.quote(redact(storage))}"
+    # The dashboard serves the artifacts from search.workdir, which is the demo's, not the study's.
+    where = f"--set {shlex.quote(f'search.workdir={runs}')}"
     print(f"\nDemo finished. Fine-tuned trial {summary['trial']} "
           f"({' '.join(f'{k}={v}' for k, v in summary['params'].items())}): test balanced accuracy "
           f"{test['balanced_accuracy']:.3f}, AUC {fmt_or_na(test['auc'])}, n={test['n']}.\n"
           f"  trials        : drtune status {flags}\n"
-          f"  dashboard     : drtune dashboard {flags}   (then open http://127.0.0.1:8080/)\n"
+          f"  dashboard     : drtune dashboard {flags} {where}   (then open http://127.0.0.1:8080/)\n"
           f"  test report   : {eval_dir(summary['run_dir'], 'test')} (metrics.json, confusion_matrix.png, roc.png)\n"
           f"  TensorBoard   : tensorboard --logdir {runs / cfg.name}")
     return summary

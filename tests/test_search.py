@@ -533,6 +533,9 @@ def test_demo_keeps_everything_in_its_workdir(prepared: Path, tmp_path: Path, mo
     assert (work / "runs" / "optuna.db").is_file()
     out = capsys.readouterr()
     assert "hunter2" not in out.out + out.err and f"--storage sqlite:///{work / 'runs'}" in out.out
+    # The dashboard hint finds the demo's artifacts (the study file's own workdir is elsewhere).
+    hint = next(line for line in out.out.splitlines() if "drtune dashboard" in line)
+    assert f"--set search.workdir={work / 'runs'}" in hint and any((work / "runs" / "artifacts").iterdir())
 
 
 def test_grid_sampler_accepts_a_requeued_point_when_one_point_is_left() -> None:
