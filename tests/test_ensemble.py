@@ -186,3 +186,13 @@ def test_both_galleries_show_the_same_photographs(two_trial_study: Path) -> None
     assert [int(r["png"].split("_")[0]) for r in trial["images"]] == list(range(len(trial["images"])))
     page = (Path(ft["gradcam"]["trial"])).read_text()
     assert re.findall(r'alt="([^"]+)"', page) == [r["name"] for r in tuned["images"]]
+
+
+def test_top_k_below_one_is_refused_before_anything_is_written(tmp_path: Path, capsys) -> None:
+    from drtune.cli import main
+
+    db = tmp_path / "runs" / "optuna.db"
+    code = main(["finetune", "--best", "--top-k", "0", "--storage", f"sqlite:///{db}", "--study", "s"])
+    assert code == 2
+    assert "--top-k 0: must be >= 1" in capsys.readouterr().err
+    assert not (tmp_path / "runs").exists()  # no database, no run folder
