@@ -23,7 +23,7 @@ else:  # pragma: no cover - Python 3.10
     import tomli as tomllib
 
 from drtune.errors import InputError
-from drtune.runs import prepared_differences
+from drtune.runs import prepared_differences, prepared_refusal
 
 AUGMENT_LEVELS: tuple[str, ...] = ("none", "base", "strong")
 NORMALIZATIONS: tuple[str, ...] = ("none", "graham")  # what `prepare --normalize` accepts
@@ -458,8 +458,6 @@ def check_prepared(cfg: Config, meta: Mapping[str, Any], data_dir: Path | str) -
     expected = {key: getattr(cfg.data, name) or None for key, name in _PREPARE_KEYS.items()}
     diffs = prepared_differences(expected, meta)
     if diffs:
-        raise InputError(f"{data_dir}: prepared with {' '.join(f'{d.flag} {d.found}' for d in diffs)} "
-                         "but the config wants "
-                         f"{', '.join(f'data.{_PREPARE_KEYS[d.key]} = {d.expected!r}' for d in diffs)}; "
-                         "prepare it again with 'drtune prepare ... --config <study>' "
-                         f"(or {' '.join(d.fix for d in diffs)})")
+        keys = ", ".join(f"data.{_PREPARE_KEYS[d.key]} = {d.expected!r}" for d in diffs)
+        raise InputError(prepared_refusal(data_dir, diffs, "the config wants", detail=f"set by {keys}",
+                                          alternative="'drtune prepare ... --config <study>'"))

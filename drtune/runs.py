@@ -21,7 +21,7 @@ import socket
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable, Iterator, Mapping, NamedTuple
+from typing import Any, Callable, Iterator, Mapping, NamedTuple, Sequence
 
 from absl import logging
 
@@ -105,7 +105,8 @@ def prepared_differences(expected: Mapping[str, Any], found: Mapping[str, Any]) 
     """Each ``PREPARED_WITH`` option on which ``found`` (a data folder's meta.json) differs from
     ``expected``, in ``PREPARED_WITH`` order; an option ``expected`` lacks or holds as None is not
     checked ("any"). The one comparison behind training's check against a study
-    (``config.check_prepared``) and evaluation's against a run (``evaluate.check_data_matches_run``)."""
+    (``config.check_prepared``), evaluation's against a run (``evaluate.check_data_matches_run``)
+    and an ensemble's against its members (``ensemble.check_same_data``, ``ensemble.write_run``)."""
     have = prepared_options(found)
     differences = []
     for key, flag, default in PREPARED_WITH:
@@ -115,6 +116,19 @@ def prepared_differences(expected: Mapping[str, Any], found: Mapping[str, Any]) 
         if have[key] != want:
             differences.append(PreparedDifference(key, flag, have[key], want))
     return differences
+
+
+def prepared_refusal(data_dir: Path | str, diffs: Sequence[PreparedDifference], expected_by: str,
+                     detail: str = "", alternative: str = "") -> str:
+    """The one wording of every refusal of a data folder prepared otherwise than expected (by a
+    study, a run or an ensemble's members), so that they all read alike:
+    ``DATA: prepared with --size 64 but EXPECTED_BY --size 128 (DETAIL); prepare it again with
+    --size 128 (or ALTERNATIVE)``. ``expected_by`` says who expects it, e.g. ``"RUN was trained
+    on"``; ``detail`` and ``alternative`` are left out when empty."""
+    wanted = " ".join(d.fix for d in diffs)
+    return (f"{data_dir}: prepared with {' '.join(f'{d.flag} {d.found}' for d in diffs)} "
+            f"but {expected_by} {wanted}{f' ({detail})' if detail else ''}; "
+            f"prepare it again with {wanted}{f' (or {alternative})' if alternative else ''}")
 
 
 # --------------------------------------------------------------------------- atomic folders

@@ -158,9 +158,9 @@ def test_check_prepared_names_all_differences_and_accepts_any(tmp_path: Path) ->
     with pytest.raises(InputError) as info:
         check_prepared(cfg, {"size": 64}, tmp_path)
     assert str(info.value) == (
-        f"{tmp_path}: prepared with --size 64 --normalize none but the config wants "
-        "data.prepare_size = 128, data.normalize = 'graham'; prepare it again with "
-        "'drtune prepare ... --config <study>' (or --size 128 --normalize graham)")
+        f"{tmp_path}: prepared with --size 64 --normalize none but the config wants --size 128 --normalize "
+        "graham (set by data.prepare_size = 128, data.normalize = 'graham'); prepare it again with --size 128 "
+        "--normalize graham (or 'drtune prepare ... --config <study>')")
 
 
 def test_precision_and_jit_compile_keys() -> None:
