@@ -6,9 +6,9 @@ ordinary run directory (``STUDY/finetune-topK/``):
 
 - ``model.keras``: one Keras functional model. Each member is a nested sub-model named
   ``member_<label>`` (``member_trial_0003``); it sees the photograph through its own test-time
-  augmentation views (:class:`View` layers, its ``train.tta``) and its probabilities are
-  averaged over them (exactly what ``tta.tta_model`` does for a single run); the members'
-  softmax outputs are then averaged (``keras.layers.Average``). P(RDR) of the ensemble is thus
+  augmentation views (``tta.View`` layers, its ``train.tta``) and its probabilities are
+  averaged over them (by ``tta.mean_over_views``, as ``tta.tta_model`` does for a single run); the
+  members' softmax outputs are then averaged (``keras.layers.Average``). P(RDR) of the ensemble is thus
   the mean of the members' P(RDR), each as that member's own run reports it.
 - ``config.json``: the first member's config with ``train.tta = "none"``, since the views are
   inside the model already (``evaluate.predictor`` must not apply them a second time).
@@ -19,8 +19,8 @@ ordinary run directory (``STUDY/finetune-topK/``):
   validation metrics at it; the test split chooses nothing.
 
 The folder is built in a temporary sibling and moved into place, so a crash never leaves half
-an ensemble. ``View`` is registered with Keras: :func:`drtune.evaluate.load_run` imports this
-module so that any run's ``model.keras`` loads (a ``Lambda`` would need unsafe deserialisation).
+an ensemble. ``tta.View`` is registered with Keras: :func:`drtune.evaluate.load_run` imports
+``drtune.tta`` so that any run's ``model.keras`` loads.
 Grad-CAM has no single feature map here: :func:`member_models` gives the members, whose maps
 ``gradcam`` averages.
 """
@@ -39,29 +39,10 @@ from keras import layers
 
 from drtune import data, metrics, runs
 from drtune.errors import InputError
-from drtune.tta import views
+from drtune.tta import mean_over_views
 
 MEMBER_PREFIX = "member_"
 ENSEMBLE_JSON = "ensemble.json"
-
-
-@keras.saving.register_keras_serializable(package="drtune")
-class View(layers.Layer):
-    """View ``index`` of the test-time augmentation ``mode`` (``tta.views``) as a saveable layer."""
-
-    def __init__(self, mode: str, index: int, **kwargs: Any) -> None:
-        super().__init__(**kwargs)
-        self.mode, self.index = mode, int(index)
-        self._view = views(mode)[self.index]
-
-    def call(self, x: Any) -> Any:
-        return self._view(x)
-
-    def compute_output_shape(self, input_shape: tuple[Any, ...]) -> tuple[Any, ...]:
-        return input_shape  # flips, and transposes of square images, keep the shape
-
-    def get_config(self) -> dict[str, Any]:
-        return {**super().get_config(), "mode": self.mode, "index": self.index}
 
 
 def build_model(members: Mapping[str, tuple[keras.Model, str]]) -> keras.Model:
@@ -78,8 +59,7 @@ def build_model(members: Mapping[str, tuple[keras.Model, str]]) -> keras.Model:
         # A fresh functional wrapper gives the member a unique name inside the ensemble (every
         # drtune model has the same one) while sharing its layers.
         member = keras.Model(model.input, model.output, name=name)
-        per_view = [member(View(mode, i, name=f"{name}_view{i}")(inputs)) for i in range(len(views(mode)))]
-        outs.append(per_view[0] if len(per_view) == 1 else layers.Average(name=f"{name}_tta")(per_view))
+        outs.append(mean_over_views(member, inputs, mode, name))
     mean = outs[0] if len(outs) == 1 else layers.Average(name="ensemble_mean")(outs)
     return keras.Model(inputs, mean, name="ensemble")
 
@@ -98,23 +78,31 @@ def is_ensemble(run_dir: Path | str) -> bool:
 
 def check_same_data(members: Mapping[str, Path | str]) -> None:
     """``InputError`` naming the members of ``{label: run directory}`` whose ``data.json`` differs
-    from the first member's in a ``prepare`` option (``runs.PREPARED_WITH``) or the input size:
+    from the first member's in a ``prepare`` option (``runs.prepared_differences``) or the input size:
     averaging models that expect differently prepared photographs has no meaning."""
-    options = {}
+    infos = {}
     for label, run in members.items():
         path = Path(run) / runs.DATA_JSON
         if not path.is_file():
             raise InputError(f"{run}: ensemble member {label} has no {runs.DATA_JSON} (is the run finished?)")
-        info = json.loads(path.read_text())
-        options[label] = {**runs.prepared_options(info), "input_size": int(info.get("input_size", info["size"]))}
-    (first, want), *rest = options.items()
+        infos[label] = json.loads(path.read_text())
+    (first, want), *rest = infos.items()
     for label, have in rest:
-        diff = [key for key in want if have[key] != want[key]]
+        diff = [f"{d.key}={d.expected} vs {d.found}"
+                for d in runs.prepared_differences(runs.prepared_options(want), have)]
+        # The input size is the study's (data.image_size), not a `prepare` option, so it is
+        # compared here rather than in runs.PREPARED_WITH (whose differences name a prepare flag).
+        if _input_size(have) != _input_size(want):
+            diff.append(f"input_size={_input_size(want)} vs {_input_size(have)}")
         if diff:
             raise InputError(
                 f"ensemble members {first} and {label} were trained on data prepared differently: "
-                + ", ".join(f"{key}={want[key]} vs {have[key]}" for key in diff)
-                + f" ({members[first]}, {members[label]}); an ensemble needs one kind of input")
+                + ", ".join(diff) + f" ({members[first]}, {members[label]}); an ensemble needs one kind of input")
+
+
+def _input_size(info: Mapping[str, Any]) -> int:
+    """The side of the model's input of a data.json (older ones without it: the prepared size)."""
+    return int(info.get("input_size", info["size"]))
 
 
 def _read_member(label: str, run: Path) -> tuple[keras.Model, str, dict[str, Any], dict[str, Any]]:
@@ -156,8 +144,7 @@ def write_run(out: Path | str, members: Mapping[str, Path | str],
     meta = runs.load_meta(data_dir)
     diffs = runs.prepared_differences(runs.prepared_options(first_info), meta)
     if diffs:  # the threshold would be frozen on photographs the members never saw the like of
-        raise InputError(f"{data_dir}: prepared with {', '.join(f'{d.key}={d.found}' for d in diffs)} but the "
-                         f"ensemble members were trained on {', '.join(f'{d.key}={d.expected}' for d in diffs)}")
+        raise InputError(runs.prepared_refusal(data_dir, diffs, "the ensemble members were trained on"))
     model = build_model({label: (m, mode) for label, (m, mode, _, _) in loaded.items()})
     rule = first_cfg.get("train", {}).get("threshold", "balanced_accuracy")
     threshold, val = _freeze_threshold(model, data_dir, meta, first_info, rule)

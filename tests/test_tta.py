@@ -43,6 +43,16 @@ def test_tta_none_is_the_model_itself(model_and_images) -> None:
     assert len(tta.views("dihedral")) == 8
 
 
+def test_view_layer_keeps_its_saved_name_and_round_trips() -> None:
+    """Ensemble runs' model.keras files name the layer drtune>View: renaming it (or its package)
+    would make every saved ensemble unloadable."""
+    import keras
+
+    assert keras.saving.get_registered_name(tta.View) == "drtune>View"
+    layer = keras.saving.deserialize_keras_object(keras.saving.serialize_keras_object(tta.View("dihedral", 5)))
+    assert isinstance(layer, tta.View) and (layer.mode, layer.index) == ("dihedral", 5)
+
+
 def test_unknown_tta_mode_is_refused() -> None:
     with pytest.raises(ValueError, match="tta 'spin'"):
         tta.views("spin")
