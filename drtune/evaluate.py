@@ -13,21 +13,25 @@ import os
 from pathlib import Path
 from typing import Any, Sequence
 
+import keras
 import numpy as np
+import tensorflow as tf
 from absl import logging
 
-from drtune import metrics
+from drtune import data, metrics
 from drtune.errors import InputError
+from drtune.model import as_float32
+from drtune.prepare import ImageError, encode_jpeg, preprocess_file
 from drtune.runs import (CLASS_NAMES, CONFIG_JSON, DATA_JSON, METRICS_JSON, MODEL_KERAS, PREDICTIONS_CSV, SPLITS,
-                         TEST, eval_dir, load_meta, prepared_differences, prepared_options)
+                         TEST, eval_dir, load_meta, prepared_differences, prepared_options, prepared_refusal)
+from drtune.train import write_json
+# Importing drtune.tta also registers tta.View with Keras, the layer ensemble runs' models hold,
+# so that load_run loads any run's model.keras.
+from drtune.tta import tta_model
 
 
 def load_run(run_dir: Path | str) -> tuple[Any, dict[str, Any], dict[str, Any]]:
     """(model, data.json, metrics.json) of a finished run, with clear errors for anything missing."""
-    import keras
-
-    from drtune import ensemble  # noqa: F401  (registers the layer that ensemble models hold)
-
     run = Path(run_dir)
     if not run.is_dir():
         raise InputError(f"{run}: run directory not found")
@@ -37,8 +41,6 @@ def load_run(run_dir: Path | str) -> tuple[Any, dict[str, Any], dict[str, Any]]:
     for name in (DATA_JSON, METRICS_JSON):
         if not (run / name).is_file():
             raise InputError(f"{run}: missing {name}; the run did not finish")
-    from drtune.model import as_float32
-
     # A model trained in mixed precision is evaluated, thresholded and explained in float32.
     model = as_float32(keras.models.load_model(model_path))
     return model, json.loads((run / DATA_JSON).read_text()), json.loads((run / METRICS_JSON).read_text())
@@ -47,8 +49,6 @@ def load_run(run_dir: Path | str) -> tuple[Any, dict[str, Any], dict[str, Any]]:
 def predictor(model: Any, run_dir: Path | str) -> Any:
     """The run's model as evaluate, predict and gradcam apply it: with the test-time
     augmentation of its config (``train.tta``), the same views its threshold was frozen with."""
-    from drtune.tta import tta_model
-
     path = Path(run_dir) / CONFIG_JSON
     tta = json.loads(path.read_text()).get("train", {}).get("tta", "none") if path.is_file() else "none"
     return tta_model(model, tta)
@@ -61,17 +61,12 @@ def check_data_matches_run(meta: dict[str, Any], info: dict[str, Any], data_dir:
     any work, since such data decodes fine and only the metrics would be wrong."""
     diffs = prepared_differences(prepared_options(info), meta)
     if diffs:
-        raise InputError(f"{data_dir}: prepared with {', '.join(f'{d.key}={d.found}' for d in diffs)} "
-                         f"but {run_dir} was trained on {', '.join(f'{d.key}={d.expected}' for d in diffs)}; "
-                         f"prepare it with {' '.join(d.fix for d in diffs)}")
+        raise InputError(prepared_refusal(data_dir, diffs, f"{run_dir} was trained on"))
 
 
 def evaluate_run(run_dir: Path | str, data_dir: Path | str | None = None, split: str = TEST,
                  n_boot: int = 1000, batch_size: int = 32) -> dict[str, Any]:
     """Metrics of a run on ``split`` at its frozen threshold; writes ``RUN/eval-<split>/``."""
-    from drtune import data
-    from drtune.train import write_json
-
     if split not in SPLITS:
         raise InputError(f"--split {split!r}: must be {', '.join(SPLITS[:-1])} or {SPLITS[-1]}")
     if n_boot < 1:
@@ -135,11 +130,6 @@ def model_inputs(paths: Sequence[Path | str], info: dict[str, Any]) -> tuple[np.
     and resize with TensorFlow like the input pipeline, so predictions on a photo match the
     prediction on its prepared record. Unreadable images get a zero image and an error string.
     """
-    import tensorflow as tf
-
-    from drtune.data import decode_image
-    from drtune.prepare import ImageError, encode_jpeg, preprocess_file
-
     size, input_size = int(info["size"]), int(info["input_size"])
     batch = np.zeros((len(paths), input_size, input_size, 3), np.float32)
     errors: list[str | None] = []
@@ -150,7 +140,7 @@ def model_inputs(paths: Sequence[Path | str], info: dict[str, Any]) -> tuple[np.
             errors.append(str(exc))
             continue
         jpeg = encode_jpeg(crop, int(info.get("jpeg_quality", 95)))
-        batch[i] = decode_image(tf.constant(jpeg), size, input_size).numpy().astype(np.float32)
+        batch[i] = data.decode_image(tf.constant(jpeg), size, input_size).numpy().astype(np.float32)
         errors.append(None)
     return batch, errors
 

@@ -118,8 +118,9 @@ def test_data_prepared_differently_is_refused(run: Path, prepared: Path, synth_r
 
     graham = tmp_path / "graham"
     prepare(find_idrid(synth_root), graham, PrepareOptions(size=64, workers=1, seed=0, normalize="graham"))
-    line = (f"{graham}: prepared with normalize=graham but {run} was trained on normalize=none; "
-            "prepare it with --normalize none")
+    # The same wording as training's refusal (config.check_prepared): runs.prepared_refusal.
+    line = (f"{graham}: prepared with --normalize graham but {run} was trained on --normalize none; "
+            "prepare it again with --normalize none")
     assert main(["evaluate", str(run), "--data", str(graham), "--n-boot", "10"]) == 2
     assert capsys.readouterr().err.strip() == f"drtune: error: {line}"
     assert main(["gradcam", str(run), "--data", str(graham), "--n", "2", "--out", str(tmp_path / "g")]) == 2
@@ -138,8 +139,8 @@ def test_data_prepared_differently_is_refused(run: Path, prepared: Path, synth_r
         (out / "meta.json").write_text(json.dumps(meta))
         return out
 
-    for changes, needle in (({"rdr_grade": 3}, "rdr_grade=3 but .* rdr_grade=2; prepare it with --rdr-grade 2"),
-                            ({"size": 96}, "size=96 but .* size=64; prepare it with --size 64")):
+    for changes, needle in (({"rdr_grade": 3}, "--rdr-grade 3 but .* --rdr-grade 2; prepare it again with --rdr-grade 2"),
+                            ({"size": 96}, "--size 96 but .* --size 64; prepare it again with --size 64")):
         other = edited("-".join(changes), **changes)
         with pytest.raises(InputError, match=needle):
             evaluate_run(run, other, "train", n_boot=10)
