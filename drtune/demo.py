@@ -12,22 +12,21 @@ from typing import Any
 
 from absl import logging
 
+from drtune.config import load_config, resolve_study_path
 from drtune.errors import InputError
+from drtune.finetune import finetune_best
+from drtune.metrics import fmt_or_na
+from drtune.prepare import PrepareOptions, find_idrid, prepare
 from drtune.runs import META_JSON, eval_dir
+from drtune.search import search
+from drtune.study import redact
+from drtune.synth import make_synthetic
 
 DEMO_STUDY = Path("studies") / "demo.toml"
 
 
 def run_demo(workdir: Path | str = "demo-work", study: Path | str | None = None) -> dict[str, Any]:
     """Run the demo with all its files under ``workdir``; return the fine-tuned test summary."""
-    from drtune.config import load_config, resolve_study_path
-    from drtune.prepare import PrepareOptions, find_idrid, prepare
-    from drtune.finetune import finetune_best
-    from drtune.metrics import fmt_or_na
-    from drtune.search import search
-    from drtune.study import redact
-    from drtune.synth import make_synthetic
-
     study = resolve_study_path(study or DEMO_STUDY)
     if not study.is_file():
         raise InputError(f"{study}: demo study not found; run from the repository root or pass --config")

@@ -26,6 +26,7 @@ import numpy as np
 from absl import logging
 
 from drtune import __version__, metrics
+from drtune import config as config_lib
 from drtune.runs import (CLASS_NAMES, CONFIG_JSON, DATA_JSON, METRICS_JSON, MODEL_KERAS, PREDICTIONS_CSV,
                          eval_dir, load_meta)
 from drtune.errors import InputError
@@ -81,6 +82,7 @@ def _evaluation(run: Path, split: str, data_dir: Path, threshold: float) -> tupl
     """(metrics.json, predictions as arrays) of ``split``, evaluating the run first if needed."""
     why = _stale(run, split, data_dir, threshold)
     if why is not None:
+        # TensorFlow: a report whose evaluation is current never loads it.
         from drtune.evaluate import evaluate_run
 
         logging.info("%s: evaluating on %s (%s)", run, split, why)
@@ -230,9 +232,9 @@ def build_card(run_dir: Path | str, data_dir: Path | str | None = None,
 
 def study_facts(cfg: Any, storage: str | None = None, name: str | None = None) -> tuple[Path, dict[str, Any]]:
     """(fine-tuned run directory, search facts) of a study, read from its storage (read-only)."""
+    # Optuna: only a study's report needs it, not a run directory's.
     from optuna.trial import TrialState
 
-    from drtune import config as config_lib
     from drtune.study import load_study
 
     study = load_study(cfg, storage, name)

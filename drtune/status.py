@@ -7,7 +7,9 @@ from __future__ import annotations
 
 from typing import Any
 
+import optuna
 from absl import logging
+from optuna.artifacts import FileSystemArtifactStore
 
 from drtune.config import Config
 from drtune.errors import DrtuneError
@@ -28,8 +30,6 @@ def status_text(cfg: Config, storage: str | None = None, name: str | None = None
     Trials of dead workers are failed (and queued for retry) first, as a worker would on its
     next trial: without that they would show as RUNNING until some worker starts again.
     """
-    import optuna
-
     study = load_study(cfg, storage, name)
     optuna.storages.fail_stale_trials(study)
     trials = study.get_trials(deepcopy=False)
@@ -87,7 +87,7 @@ def serve_dashboard(cfg: Config, storage: str | None = None, host: str = "127.0.
 
     The dashboard has no authentication, hence 127.0.0.1 by default.
     """
-    from optuna.artifacts import FileSystemArtifactStore
+    # optuna-dashboard pulls in scikit-learn and SciPy (~2 s): only the dashboard pays for it.
     from optuna_dashboard import run_server
 
     store = open_storage(cfg, storage, create=False)
