@@ -1,9 +1,11 @@
-"""Grad-CAM heatmaps (pure), a browsable gallery (IO) and a lesion-pointing score.
+"""Grad-CAM maps of a run's model, the lesion-pointing score, and ``run_gradcam`` (the command).
 
-``heatmaps`` is a pure function of a model and a batch. ``run_gradcam`` renders one PNG per
-photograph (photo | heatmap overlay, titled with name, P(RDR), decision and ground truth) and an
-``index.html`` that opens from disk (file://). ``pointing_score`` checks, on ``drtune synth``
-data whose lesion masks are known, whether the maps point at lesions at all.
+``heatmaps`` is a pure function of a model and a batch. ``pointing_score`` checks, on ``drtune
+synth`` data whose lesion masks are known, whether the maps point at lesions at all.
+``run_gradcam`` loads a run, picks its images, computes their maps and P(RDR), and hands them to
+:mod:`drtune.gallery`, which writes one PNG per photograph and an ``index.html``; the gallery's
+names (``GROUPS``, ``PREFIX``, ``SELECTION``, ``NAMED``, ``gallery_artifacts``) are importable
+from here too, as callers have always found them.
 
 The class score is the log-odds of the class, ``z_c - logsumexp(z_other)`` on the pre-softmax
 logits (``z_1 - z_0`` for RDR): it does not saturate as P -> 1 the way the probability does, and
@@ -14,48 +16,42 @@ point, not their intensity across images; an all-zero map means no positive evid
 An ensemble run (:mod:`drtune.ensemble`) has no single feature map: its map is the mean of its
 members' maps and its P(RDR) the ensemble's. ``run_gradcam(names=...)`` renders a gallery on the
 images of another one, in its order, so that two models compare photograph by photograph.
+
+TensorFlow, OpenCV and the other drtune modules are imported at the top: only commands that
+already load TensorFlow (``drtune gradcam``, ``finetune``) import this module.
 """
 
 from __future__ import annotations
 
-import html
-import json
-import re
-from itertools import zip_longest
 from pathlib import Path
-from typing import Any, Sequence
-from urllib.parse import quote
+from typing import Any, Callable, Sequence
 
+import cv2
+import keras
 import numpy as np
+import tensorflow as tf
 from absl import logging
 
+from drtune import data, gallery
+from drtune.ensemble import member_models
 from drtune.errors import InputError
+from drtune.evaluate import check_data_matches_run, load_run, model_inputs, predictor
+from drtune.fundus import Field, crop_square, find_field
+from drtune.gallery import GROUPS, NAMED, PREFIX, SELECTION, gallery_artifacts  # noqa: F401  (re-exported)
+from drtune.labels import list_images, read_labels
 from drtune.model import FEATURE_LAYER
-from drtune.runs import CLASS_NAMES, MODEL_KERAS, SPLITS, TEST, TRAIN, load_meta
+from drtune.prepare import decode_photo
+from drtune.runs import MODEL_KERAS, SPLITS, TEST, TRAIN, load_meta
+from drtune.synth import SYNTH_LAYOUT, mask_path
+from drtune.train import write_json
 
 RDR = 1
-# Gallery sections in display order, errors first (a missed RDR is what a screener fears most):
-# key, heading, what it means.
-GROUPS = (("FN", "False negatives", "RDR, called NRDR"), ("FP", "False positives", "NRDR, called RDR"),
-          ("TP", "True positives", "RDR, called RDR"), ("TN", "True negatives", "NRDR, called NRDR"),
-          ("RDR?", "Called RDR", "no ground truth"), ("NRDR?", "Called NRDR", "no ground truth"),
-          ("error", "Unreadable", "no prediction"))
-LABELLED, UNLABELLED = ("FN", "FP", "TP", "TN"), ("RDR?", "NRDR?")
-# PNG name prefixes: the group is readable in a flat artifact list, and names sort errors first.
-PREFIX = {"FN": "fn", "FP": "fp", "TP": "tp", "TN": "tn", "RDR?": "called-rdr", "NRDR?": "called-nrdr"}
-SELECTION = ("all errors first (false negatives, then false positives, most confident first), "
-             "then true positives and true negatives alternately, most confident first")
-# The selection of a gallery given its images by name (``run_gradcam(names=...)``).
-NAMED = "the images asked for by name (another gallery's), in that gallery's order"
-
 
 # --------------------------------------------------------------------------- heatmaps (pure)
 
 
 def _grad_model(model: Any, layer: str, where: str = "") -> Any:
     """[feature map, pre-softmax input of the head (or the probabilities)] of ``model``."""
-    import keras
-
     try:
         feature = model.get_layer(layer)
     except ValueError:
@@ -70,8 +66,6 @@ def _grad_model(model: Any, layer: str, where: str = "") -> Any:
 def _cams(model: Any, images: np.ndarray, class_index: int | None, layer: str,
           batch_size: int) -> tuple[np.ndarray, np.ndarray]:
     """(heatmaps [B,H,W] in [0, 1], P(RDR) [B]) for float32 0..255 ``images`` [B,H,W,3]."""
-    import tensorflow as tf
-
     images = np.asarray(images, np.float32)
     if images.ndim != 4 or images.shape[-1] != 3:
         raise InputError(f"images: expected a batch [B,H,W,3], got shape {images.shape}")
@@ -114,8 +108,6 @@ def _explain(model: Any, images: np.ndarray, class_index: int | None, layer: str
     feature map: there the map is the mean of the members' maps (each scaled to its own maximum
     first, so that every member counts alike), rescaled to its own maximum like any map, and
     P(RDR) is the ensemble's own (the mean of its members', each with its TTA views)."""
-    from drtune.ensemble import member_models
-
     members = member_models(model)
     if not members:
         return _cams(model, images, class_index, layer, batch_size)
@@ -151,11 +143,6 @@ def lesion_masks(photo: Path | str, mask_file: Path | str, info: dict[str, Any],
     and the square crop is area-resized; any lesion pixel marks its target pixel (like a
     max-pool), so microaneurysms survive the shrink.
     """
-    import cv2
-
-    from drtune.fundus import Field, crop_square, find_field
-    from drtune.prepare import decode_photo
-
     size, n = int(info["size"]), int(info["input_size"])
     rgb = decode_photo(Path(photo).read_bytes(), size)
     mask = cv2.imread(str(mask_file), cv2.IMREAD_GRAYSCALE)
@@ -189,10 +176,6 @@ def pointing_score(model: Any, synth_root: Path | str, split: str, info: dict[st
     that mask; ``baseline`` the mean share of the retina field it covers: what a uniformly random
     peak (or a flat map) would score on either. Photos are preprocessed as ``prepare`` does.
     """
-    from drtune.evaluate import model_inputs
-    from drtune.labels import list_images, read_labels
-    from drtune.synth import SYNTH_LAYOUT, mask_path
-
     root = Path(synth_root)
     if split not in SYNTH_LAYOUT:
         raise InputError(f"split {split!r}: a synth set has {' and '.join(SYNTH_LAYOUT)}")
@@ -225,135 +208,20 @@ def pointing_score(model: Any, synth_root: Path | str, split: str, info: dict[st
             "energy_share": mean("energy"), "baseline": mean("coverage"), "images": per_image}
 
 
-# --------------------------------------------------------------------------- gallery (IO)
+def _pointing(model: Any, masks: Path | str, synth_split: str, info: dict[str, Any], threshold: float,
+              layer: str, tolerance: int | None) -> dict[str, Any]:
+    """The summary's ``pointing`` (``pointing_score``) and ``pointing_text``."""
+    score = pointing_score(model, masks, synth_split, info, threshold, layer, tolerance)
+    text = ("n/a (no correctly classified RDR image)" if not score["n"] else
+            f"hit rate {score['hit_rate']:.2f} vs {score['baseline']:.2f} for a random peak, energy "
+            f"share {score['energy_share']:.2f} (baseline {score['baseline']:.2f}), over {score['n']} "
+            f"correctly classified RDR photos of the synth {synth_split} split (lesions dilated by "
+            f"{score['tolerance_px']} px)")
+    logging.info("pointing game: %s", text)
+    return {"pointing": score, "pointing_text": text}
 
 
-def _group(label: int | None, decision: int) -> str:
-    if label is None:
-        return f"{CLASS_NAMES[decision]}?"
-    return ("TN", "FP", "FN", "TP")[2 * label + decision]
-
-
-def _choose(labels: np.ndarray, p: np.ndarray, threshold: float,
-            n: int) -> tuple[list[int], dict[str, int]]:
-    """Indices of the ``n`` gallery images of a split (rule in ``SELECTION``), and the size of
-    each group in the whole split."""
-    groups = {g: [] for g in ("FN", "FP", "TP", "TN")}
-    for i in np.argsort(-p, kind="stable"):  # most confident RDR first
-        groups[_group(int(labels[i]), int(p[i] >= threshold))].append(int(i))
-    groups["FN"].reverse(), groups["TN"].reverse()  # confident NRDR calls have the lowest P
-    rest = [i for pair in zip_longest(groups["TP"], groups["TN"]) for i in pair if i is not None]
-    return (groups["FN"] + groups["FP"] + rest)[:n], {g: len(v) for g, v in groups.items()}
-
-
-def _render(path: Path, image: np.ndarray, heat: np.ndarray, title: str,
-            lesions: np.ndarray | None) -> None:
-    """Photo | Grad-CAM overlay (jet, 40%) side by side with a colour bar, lesion outlines when known."""
-    from matplotlib import colormaps
-    from matplotlib.cm import ScalarMappable
-    from matplotlib.colors import Normalize
-    from matplotlib.figure import Figure
-
-    photo = np.clip(image, 0, 255) / 255.0
-    overlay = np.clip(0.6 * photo + 0.4 * colormaps["jet"](heat)[..., :3], 0.0, 1.0)
-    fig = Figure(figsize=(7.8, 3.9), layout="constrained")
-    for k, (shown, label) in enumerate(((photo, "photograph"), (overlay, "Grad-CAM: evidence for RDR"))):
-        ax = fig.add_subplot(1, 2, k + 1, title=label)
-        ax.imshow(shown, interpolation="bilinear")
-        ax.set_axis_off()
-    if lesions is not None and lesions.any():
-        ax.contour(lesions, levels=[0.5], colors="white", linewidths=0.6)
-    # The overlay is a blend, so the bar maps the heatmap's own colours; 1 is this image's maximum.
-    bar = fig.colorbar(ScalarMappable(Normalize(0.0, 1.0), colormaps["jet"]), ax=ax, shrink=0.8,
-                       ticks=[0.0, 0.5, 1.0])
-    bar.set_label("evidence for RDR (1 = this image's max)", fontsize=8)
-    bar.ax.tick_params(labelsize=8)
-    fig.suptitle(title, fontsize=10)
-    fig.savefig(path, dpi=100)
-
-
-def _slug(name: str) -> str:
-    return re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("._") or "image"
-
-
-def _pointing_caption(row: dict[str, Any]) -> str:
-    """The image's own pointing-game result, when it took part (correctly called RDR, mask known)."""
-    if row.get("peak_on_lesion") is None:
-        return ""
-    return (f"; peak {'on' if row['peak_on_lesion'] else 'off'} a lesion, "
-            f"{row['lesion_energy']:.0%} of the map on lesions")
-
-
-def _figures(rows: Sequence[dict[str, Any]], with_group: bool = False) -> str:
-    return "".join(
-        f'<figure data-p="{r["p_rdr"]:.6f}"><a href="{quote(r["png"])}"><img src="{quote(r["png"])}" '
-        f'alt="{html.escape(r["name"])}" loading="lazy"></a><figcaption>{html.escape(r["name"])}: '
-        f'P(RDR) {r["p_rdr"]:.3f}' + (f' ({html.escape(r["group"])})' if with_group else "")
-        + f'{_pointing_caption(r)}</figcaption></figure>' for r in rows)
-
-
-def _group_sections(summary: dict[str, Any]) -> list[str]:
-    """One heading per group of ``GROUPS`` with its images (the gallery's usual layout)."""
-    rows, parts = summary["images"], []
-    in_split = summary.get("split_groups") or {}
-    for key, heading, meaning in GROUPS:
-        group = [r for r in rows if r["group"] == key]
-        # Every group of the gallery's kind is shown, empty or not: "False negatives (0)" is an
-        # answer a clinician looks for, not a section to leave out.
-        if not group and key not in (LABELLED if summary.get("split") else UNLABELLED):
-            continue
-        total = in_split.get(key, len(group))
-        more = (f" <small>{len(group)} of {total} in the {html.escape(summary['split'])} split shown</small>"
-                if total > len(group) else "")
-        parts.append(f'<h2 id="{quote(key)}">{heading} ({total}) <small>{meaning}</small>{more}</h2>')
-        if not group:
-            where = f" in the {html.escape(summary['split'])} split" if in_split else ""
-            parts.append(f'<p class="none">None{where}.</p>')
-            continue
-        if key == "error":
-            items = "".join(f"<li><b>{html.escape(r['name'])}</b> ({html.escape(r['file'])}): "
-                            f"{html.escape(r['error'])}</li>" for r in group)
-            parts.append(f'<ul class="errors">{items}</ul>')
-            continue
-        parts.append(f'<div class="group">{_figures(group)}</div>')
-    return parts
-
-
-def _named_section(summary: dict[str, Any]) -> list[str]:
-    """The images given by name, in their order (to set beside the gallery they came from), each
-    captioned with this run's group; the group sizes of the whole split above them."""
-    in_split = summary.get("split_groups") or {}
-    sizes = ", ".join(f"{heading.lower()} {in_split[key]}" for key, heading, _ in GROUPS if key in in_split)
-    return [f"<h2>In the order given</h2><p>This run on the whole {html.escape(summary['split'])} split: "
-            f"{sizes}.</p>", f'<div class="group">{_figures(summary["images"], with_group=True)}</div>']
-
-
-def _write_index(out: Path, summary: dict[str, Any]) -> None:
-    parts = [f"<h1>Grad-CAM: {html.escape(summary['run'])}</h1><p>{html.escape(summary['source'])}; "
-             f"threshold {summary['threshold']:.3f}; maps explain RDR from layer "
-             f"<code>{html.escape(summary['layer'])}</code>. Each map is scaled to its own maximum: "
-             "red is the strongest evidence for RDR <i>in that image</i>, so in images called NRDR "
-             "it marks the least weak evidence, not a finding."
-             + (" White outlines: known lesions." if summary.get("masks") else "") + "</p>"]
-    if summary.get("ensemble"):
-        parts.append(f"<p>An ensemble of {len(summary['ensemble'])} models "
-                     f"({html.escape(', '.join(summary['ensemble']))}): each map is the mean of the "
-                     "members' Grad-CAM maps (each scaled to its own maximum first); P(RDR) is the "
-                     "ensemble's, the mean of its members'.</p>")
-    if summary.get("selection"):
-        parts.append(f"<p>Shown: {summary['n']} of {summary['n_split']} images: "
-                     f"{html.escape(summary['selection'])}.</p>")
-    if summary.get("pointing"):
-        parts.append(f'<p class="pointing"><b>Pointing game</b> (does the map peak on a known lesion?): '
-                     f"{html.escape(summary['pointing_text'])}.</p>")
-    parts += _named_section(summary) if summary.get("named") else _group_sections(summary)
-    style = ("body{font-family:sans-serif;margin:1em 2em}.group{display:flex;flex-wrap:wrap;gap:8px}"
-             "figure{margin:0;width:500px}img{width:100%}figcaption{font-size:90%}small{color:#666}"
-             ".none{color:#666;font-style:italic}.pointing{background:#f3f3f3;padding:.5em}")
-    page = (f'<!doctype html><html><head><meta charset="utf-8"><title>Grad-CAM '
-            f'{html.escape(summary["run"])}</title><style>{style}</style></head><body>'
-            + "\n".join(parts) + "</body></html>\n")
-    (out / "index.html").write_text(page, encoding="utf-8")
+# --------------------------------------------------------------------------- the gallery of a run
 
 
 def _split_batch(model: Any, info: dict[str, Any], run_dir: Path, data_dir: Path, split: str, n: int,
@@ -361,9 +229,6 @@ def _split_batch(model: Any, info: dict[str, Any], run_dir: Path, data_dir: Path
                  ) -> tuple[np.ndarray, list[str], list[int], dict[str, int]]:
     """(images, names, labels) of the ``n`` gallery images of a prepared split (or of the images
     named ``wanted``, in that order), and its group sizes."""
-    from drtune import data
-    from drtune.evaluate import check_data_matches_run, predictor
-
     if split not in SPLITS:
         raise InputError(f"--split {split!r}: must be {', '.join(SPLITS[:-1])} or {SPLITS[-1]}")
     meta = load_meta(data_dir)
@@ -372,7 +237,7 @@ def _split_batch(model: Any, info: dict[str, Any], run_dir: Path, data_dir: Path
     ds = data.eval_dataset(data_dir, split, 32, cache=False, image_size=size, meta=meta)
     y = data.split_labels(data_dir, split, meta)
     names = data.split_names(data_dir, split, meta)
-    pick, counts = _choose(y, predictor(model, run_dir).predict(ds, verbose=0)[:, RDR], threshold, n)
+    pick, counts = gallery.choose(y, predictor(model, run_dir).predict(ds, verbose=0)[:, RDR], threshold, n)
     if wanted is not None:
         index = {name: i for i, name in enumerate(names)}
         missing = [name for name in wanted if name not in index]
@@ -395,8 +260,6 @@ def _inputs(model: Any, info: dict[str, Any], run_dir: Path, data_dir: Path | st
             summary: dict[str, Any]) -> tuple[np.ndarray, list[str], list[str], list[int | None], list[str | None]]:
     """(batch, names, files, labels, errors) of the gallery's images; fills in ``summary``'s
     description of where they come from and how they were chosen."""
-    from drtune.evaluate import model_inputs
-
     if images:
         paths = [Path(p) for p in images]
         batch, errors = model_inputs(paths, info)
@@ -405,9 +268,9 @@ def _inputs(model: Any, info: dict[str, Any], run_dir: Path, data_dir: Path | st
     data_dir = Path(data_dir or info["data_dir"])
     batch, shown, labels, counts = _split_batch(model, info, run_dir, data_dir, split, n, threshold, names)
     summary.update(source=f"{split} split of {data_dir}", split=split, data_dir=str(data_dir),
-                   n_split=sum(counts.values()), split_groups=counts, selection=SELECTION)
+                   n_split=sum(counts.values()), split_groups=counts, selection=gallery.SELECTION)
     if names is not None:
-        summary.update(selection=NAMED, named=True)
+        summary.update(selection=gallery.NAMED, named=True)
     return batch, shown, [f"{data_dir}:{split}"] * len(shown), list(labels), [None] * len(shown)
 
 
@@ -426,11 +289,33 @@ def run_gradcam(run_dir: Path | str, out_dir: Path | str, data_dir: Path | str |
     from: test for test and raw photos, train for train/val) to the gallery and the summary,
     which is returned. An ensemble run (``drtune.ensemble``) shows the mean of its members' maps.
     """
-    from drtune.ensemble import member_models
-    from drtune.evaluate import load_run, predictor
-    from drtune.synth import SYNTH_LAYOUT
-    from drtune.train import write_json
+    _check_request(images, data_dir, n, names)
+    model, info, summary = _open_run(run_dir, layer, masks)
+    threshold = summary["threshold"]
+    batch, shown, files, labels, errors = _inputs(model, info, Path(run_dir), data_dir, split, images, n,
+                                                  threshold, names, summary)
+    synth_split = _synth_split(masks, split, bool(images))
+    ok = [i for i, e in enumerate(errors) if e is None]
+    maps, p_ok = _maps_and_probabilities(model, run_dir, batch[ok], layer)
+    rows = gallery.summary_rows(shown, files, labels, errors, dict(zip(ok, p_ok)), threshold,
+                                keep_order=names is not None)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    if masks is not None:  # first, so that each image's own result can go into its figure
+        summary.update(_pointing(model, masks, synth_split, info, threshold, layer, tolerance))
+    outline = None if masks is None else _lesion_outline(Path(masks), synth_split, info)
+    gallery.render_rows(out, rows, batch, dict(zip(ok, maps)), threshold, outline, summary.get("pointing"),
+                        numbered=names is not None)
+    summary.update(n=len(rows), images=rows, groups=gallery.group_counts(rows))
+    gallery.write_index(out, summary)
+    write_json(out / "summary.json", summary)
+    logging.info("wrote %d Grad-CAM image(s) and %s", len(ok), out / "index.html")
+    return summary
 
+
+def _check_request(images: Sequence[Path | str], data_dir: Path | str | None, n: int,
+                   names: Sequence[str] | None) -> None:
+    """``InputError`` for arguments of ``run_gradcam`` that contradict each other, before any work."""
     if images and data_dir is not None:
         raise InputError("give either --data/--split or IMAGE..., not both")
     if images and names is not None:
@@ -439,116 +324,52 @@ def run_gradcam(run_dir: Path | str, out_dir: Path | str, data_dir: Path | str |
         raise InputError(f"--n {n}: must be >= 1")
     if names is not None and (not names or len(set(names)) != len(names)):
         raise InputError(f"names: give each image of the split once, at least one ({len(names)} given)")
+
+
+def _open_run(run_dir: Path | str, layer: str,
+              masks: Path | str | None) -> tuple[Any, dict[str, Any], dict[str, Any]]:
+    """(model, data info, the summary's first keys) of a run whose model (or each of whose ensemble
+    members) has the feature map ``layer``: ``InputError`` naming the model file otherwise."""
     model, info, run_metrics = load_run(run_dir)
     members = member_models(model)
     for explained in members or [model]:  # fail before any work
         _grad_model(explained, layer, str(Path(run_dir) / MODEL_KERAS))
-    threshold = float(run_metrics["threshold"])
-    summary: dict[str, Any] = {"run": str(run_dir), "threshold": threshold, "layer": layer,
-                               "masks": None if masks is None else str(masks)}
+    summary: dict[str, Any] = {"run": str(run_dir), "threshold": float(run_metrics["threshold"]),
+                               "layer": layer, "masks": None if masks is None else str(masks)}
     if members:
         summary["ensemble"] = [m.name for m in members]
-    batch, shown, files, labels, errors = _inputs(model, info, Path(run_dir), data_dir, split, images, n,
-                                                  threshold, names, summary)
-    # A synth folder has a train and a test part; val was drawn from its train part.
-    synth_split = TEST if images or split == TEST else TRAIN
+    return model, info, summary
+
+
+def _synth_split(masks: Path | str | None, split: str, raw_photos: bool) -> str:
+    """The part of a ``drtune synth`` folder the gallery's images came from, and ``InputError`` if
+    ``masks`` is given but is no such folder. A synth folder has a train and a test part; val was
+    drawn from its train part, and raw photographs are taken to be test ones."""
+    synth_split = TEST if raw_photos or split == TEST else TRAIN
     if masks is not None and not (Path(masks) / SYNTH_LAYOUT[synth_split][1]).is_file():
         raise InputError(f"--masks {masks}: not a 'drtune synth' folder (no {SYNTH_LAYOUT[synth_split][1]})")
-    ok = [i for i, e in enumerate(errors) if e is None]
-    maps, p_ok = _explain(model, batch[ok], RDR, layer, 16)
+    return synth_split
+
+
+def _maps_and_probabilities(model: Any, run_dir: Path | str, batch: np.ndarray,
+                            layer: str) -> tuple[np.ndarray, np.ndarray]:
+    """(RDR maps, P(RDR)) of the readable images ``batch``."""
+    maps, p = _explain(model, batch, RDR, layer, 16)
     averaged = predictor(model, run_dir)
-    if ok and averaged is not model:
+    if len(batch) and averaged is not model:
         # The heatmap explains the plain view; P(RDR) and the decision are the run's own, with
         # its test-time augmentation, so they match evaluate and predict.
-        p_ok = averaged.predict(batch[ok], verbose=0)[:, RDR]
-    rows = _rows(shown, files, labels, errors, dict(zip(ok, p_ok)), threshold, keep_order=names is not None)
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    if masks is not None:  # first, so that each image's own result can go into its figure
-        summary.update(_pointing(model, masks, synth_split, info, threshold, layer, tolerance))
-    _render_rows(out, rows, batch, dict(zip(ok, maps)), threshold, info, masks, synth_split,
-                 summary.get("pointing"), numbered=names is not None)
-    summary.update(n=len(rows), images=rows,
-                   groups={g[0]: sum(r["group"] == g[0] for r in rows) for g in GROUPS})
-    _write_index(out, summary)
-    write_json(out / "summary.json", summary)
-    logging.info("wrote %d Grad-CAM image(s) and %s", len(ok), out / "index.html")
-    return summary
+        p = averaged.predict(batch, verbose=0)[:, RDR]
+    return maps, p
 
 
-def _rows(names: Sequence[str], files: Sequence[str], labels: Sequence[int | None],
-          errors: Sequence[str | None], p: dict[int, float], threshold: float,
-          keep_order: bool) -> list[dict[str, Any]]:
-    """One summary row per image (``i``: its index in the batch), in the gallery's order: by
-    group as ``GROUPS`` lists them, most confident first, unless ``keep_order``."""
-    rows: list[dict[str, Any]] = []
-    for i, name in enumerate(names):
-        row = {"name": name, "file": files[i], "group": "error", "error": errors[i], "p_rdr": None,
-               "decision": None, "truth": None if labels[i] is None else CLASS_NAMES[labels[i]],
-               "png": None, "i": i}
-        if errors[i] is None:
-            decision = int(p[i] >= threshold)
-            row.update(group=_group(labels[i], decision), p_rdr=float(p[i]),
-                       decision=CLASS_NAMES[decision])
-        else:
-            logging.warning("%s: %s", files[i], errors[i])
-        rows.append(row)
-    if not keep_order:
-        order = {g[0]: k for k, g in enumerate(GROUPS)}
-        rows.sort(key=lambda r: (order[r["group"]], -(r["p_rdr"] or 0.0)))
-    return rows
+def _lesion_outline(masks: Path, synth_split: str, info: dict[str, Any]) -> Callable[[str], np.ndarray | None]:
+    """``outline(name)``: the lesions of the synth photograph ``name`` at the model input size,
+    undilated, to draw on its figure (None when ``masks`` has no such photograph)."""
+    photos = masks / SYNTH_LAYOUT[synth_split][0]
 
+    def outline(name: str) -> np.ndarray | None:
+        photo = photos / f"{name}.jpg"
+        return lesion_masks(photo, mask_path(masks, synth_split, name), info, 0)[0] if photo.is_file() else None
 
-def _pointing(model: Any, masks: Path | str, synth_split: str, info: dict[str, Any], threshold: float,
-              layer: str, tolerance: int | None) -> dict[str, Any]:
-    """The summary's ``pointing`` (``pointing_score``) and ``pointing_text``."""
-    score = pointing_score(model, masks, synth_split, info, threshold, layer, tolerance)
-    text = ("n/a (no correctly classified RDR image)" if not score["n"] else
-            f"hit rate {score['hit_rate']:.2f} vs {score['baseline']:.2f} for a random peak, energy "
-            f"share {score['energy_share']:.2f} (baseline {score['baseline']:.2f}), over {score['n']} "
-            f"correctly classified RDR photos of the synth {synth_split} split (lesions dilated by "
-            f"{score['tolerance_px']} px)")
-    logging.info("pointing game: %s", text)
-    return {"pointing": score, "pointing_text": text}
-
-
-def _render_rows(out: Path, rows: list[dict[str, Any]], batch: np.ndarray, heat: dict[int, np.ndarray],
-                 threshold: float, info: dict[str, Any], masks: Path | str | None, synth_split: str,
-                 pointing: dict[str, Any] | None, numbered: bool) -> None:
-    """Render each readable row's PNG and name it in the row (``png``); pops the rows' ``i``."""
-    from drtune.synth import SYNTH_LAYOUT, mask_path
-
-    scored = {s["name"]: s for s in pointing["images"]} if pointing else {}
-    photos = Path(masks) / SYNTH_LAYOUT[synth_split][0] if masks is not None else None
-    digits = len(str(max(len(rows) - 1, 1)))
-    rank_in_group: dict[str, int] = {}
-    for pos, r in enumerate(rows):
-        i = r.pop("i")
-        if r["error"] is not None:
-            continue
-        # fn_00_<name>.png: the group first, so a flat listing (the dashboard's artifacts) sorts
-        # errors first and says what each image is; then the rank in the gallery's order. A
-        # gallery of given names keeps their order: its position comes first (00_fn_<name>.png).
-        k = rank_in_group[r["group"]] = rank_in_group.get(r["group"], -1) + 1
-        r["png"] = (f"{pos:0{digits}d}_{PREFIX[r['group']]}_{_slug(r['name'])}.png" if numbered
-                    else f"{PREFIX[r['group']]}_{k:0{digits}d}_{_slug(r['name'])}.png")
-        truth = f"; truth {r['truth']} ({r['group']})" if r["truth"] else ""
-        title = f"{r['name']}: P(RDR) {r['p_rdr']:.3f} -> {r['decision']} (threshold {threshold:.3f}){truth}"
-        if photos is not None and r["name"] in scored:
-            r.update(peak_on_lesion=scored[r["name"]]["hit"], lesion_energy=scored[r["name"]]["energy"])
-            title += f"\npointing game: peak {'on' if r['peak_on_lesion'] else 'off'} a lesion, " \
-                     f"{r['lesion_energy']:.0%} of the map on lesions"
-        photo = photos / f"{r['name']}.jpg" if photos is not None else None
-        lesions = (lesion_masks(photo, mask_path(Path(masks), synth_split, r["name"]), info, 0)[0]
-                   if photo is not None and photo.is_file() else None)
-        _render(out / r["png"], batch[i], heat[i], title, lesions)
-
-
-def gallery_artifacts(out_dir: Path | str) -> list[Path]:
-    """The files of a gallery worth uploading: ``index.html``, then its PNGs in the gallery's order
-    (errors first; each name starts with its group, ``fn_``, ``fp_``, ``tp_``, ``tn_``...)."""
-    out = Path(out_dir)
-    if not (out / "index.html").is_file() or not (out / "summary.json").is_file():
-        raise InputError(f"{out}: no Grad-CAM gallery (run 'drtune gradcam' first)")
-    rows = json.loads((out / "summary.json").read_text())["images"]
-    return [out / "index.html"] + [out / r["png"] for r in rows if r["png"] and (out / r["png"]).is_file()]
+    return outline

@@ -11,7 +11,7 @@ from urllib.parse import unquote
 import numpy as np
 import pytest
 
-from drtune import gradcam
+from drtune import gallery, gradcam
 from drtune.config import ModelConfig, load_config
 from drtune.errors import InputError
 from drtune.evaluate import load_run
@@ -221,7 +221,7 @@ def test_index_shows_empty_groups_and_the_pointing_game(tmp_path: Path) -> None:
                "masks": "synth", "split": "test", "n": 1, "n_split": 7, "selection": gradcam.SELECTION,
                "split_groups": {"FN": 0, "FP": 2, "TP": 1, "TN": 4}, "images": [row],
                "pointing": {"n": 1}, "pointing_text": "hit rate 1.00 vs 0.10 for a random peak"}
-    gradcam._write_index(tmp_path, summary)
+    gallery.write_index(tmp_path, summary)
     page = (tmp_path / "index.html").read_text()
     assert [h for h in re.findall(r"<h2 id=\"\w+\">([^<]+?) <small>", page)] == [
         "False negatives (0)", "False positives (2)", "True positives (1)", "True negatives (4)"]
@@ -234,9 +234,23 @@ def test_index_shows_empty_groups_and_the_pointing_game(tmp_path: Path) -> None:
 def test_choose_errors_first_and_counts_the_split() -> None:
     labels = np.array([1, 0, 1, 0, 1, 0])
     p = np.array([0.9, 0.8, 0.2, 0.1, 0.4, 0.3])  # at 0.5: TP, FP, FN, TN, FN, TN
-    pick, counts = gradcam._choose(labels, p, 0.5, 4)
+    pick, counts = gallery.choose(labels, p, 0.5, 4)
     assert counts == {"FN": 2, "FP": 1, "TP": 1, "TN": 2}
     assert pick == [2, 4, 1, 0]  # the most confident miss first, then the false positive
+
+
+def test_gallery_lays_out_without_tensorflow_and_gradcam_keeps_its_names() -> None:
+    """The gallery only lays out what it is given, so it loads without TensorFlow; its names stay
+    importable from drtune.gradcam, where finetune and older callers look for them."""
+    import subprocess
+    import sys
+
+    code = "import sys, drtune.gallery; print('tensorflow' in sys.modules)"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "False"
+    for name in ("GROUPS", "PREFIX", "SELECTION", "NAMED", "gallery_artifacts"):
+        assert getattr(gradcam, name) is getattr(gallery, name)
 
 
 @pytest.mark.slow
