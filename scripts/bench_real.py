@@ -143,6 +143,28 @@ def run_fold(cfg: config_lib.Config, data: Path, run_dir: Path, finetune: bool) 
     return final, result
 
 
+def run_fold_search(cfg: config_lib.Config, data: Path, run_dir: Path, top_k: int) -> tuple[Path, dict[str, Any]]:
+    """The study as a user runs it on one fold: ``drtune search --grid`` (its own SQLite file in
+    the fold's folder), then ``drtune finetune --best --top-k K``; the final model is the
+    fine-tuned best trial, or the ensemble of the K best. Its test split is the held-out fold."""
+    from drtune.finetune import finetune_best
+    from drtune.search import search
+
+    marker = run_dir / "final.txt"  # written last: a fold with it is finished and reused
+    if marker.is_file():
+        final = Path(marker.read_text().strip())
+        return final, json.loads((final / "metrics.json").read_text())
+    run_dir.mkdir(parents=True, exist_ok=True)
+    # Galleries are for people; the yardstick needs only the predictions.
+    cfg = config_lib.replace(cfg, **{"search.workdir": str(run_dir), "finetune.gradcam": 0,
+                                     "search.storage": f"sqlite:///{run_dir / 'optuna.db'}"})
+    search(cfg, data, grid=True)
+    summary = finetune_best(cfg, data_dir=data, top_k=top_k)
+    final = Path(summary.get("ensemble", summary)["run_dir"])
+    marker.write_text(str(final))
+    return final, json.loads((final / "metrics.json").read_text())
+
+
 def _read_predictions(path: Path) -> tuple[list[str], np.ndarray, np.ndarray]:
     with path.open(newline="") as f:
         rows = list(csv.DictReader(f))
@@ -192,11 +214,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--limit", type=int, default=0, help="use a stratified subset of this many photographs")
     ap.add_argument("--quick", action="store_true", help="smoke variant: few epochs, small images")
     ap.add_argument("--no-finetune", action="store_true", help="skip the study's [finetune] stage")
+    ap.add_argument("--search", action="store_true", help="per fold, run the study's grid search and "
+                    "finetune --best (as a user would) instead of training the study's defaults once")
+    ap.add_argument("--top-k", type=int, default=1, help="with --search: finetune --best --top-k K "
+                    "(the ensemble of the K best trials)")
     ap.add_argument("--workdir", type=Path, default=Path("/tmp/drtune-bench-real"))
     ap.add_argument("--tag", default="", help="name of this experiment's run folder (default: from the settings)")
     args = ap.parse_args(argv)
     if args.folds < 2:
         ap.error("--folds must be >= 2")
+    if args.top_k < 1 or (args.top_k > 1 and not args.search):
+        ap.error("--top-k must be >= 1, and above 1 only with --search")
 
     from absl import logging
 
@@ -216,10 +244,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     folds = make_folds(names, y.tolist(), args.group_pattern, args.folds, args.seed)
     data_key = f"data-n{len(items)}-k{args.folds}-s{args.seed}-{size}px-{normalize}"
     # One run folder per experiment: the overrides name it (slashes would make sub-folders).
-    tag = args.tag or "run-" + ("-".join(o.replace("=", "").replace("/", "_") for o in overrides) or "defaults")
+    tag = args.tag or "run-" + ("-".join(o.replace("=", "").replace("/", "_") for o in overrides) or "defaults") \
+        + (f"-search-top{args.top_k}" if args.search else "")
     print(f"bench_real: {len(items)} photographs ({int(y.sum())} RDR), {args.folds} folds by "
           f"{args.group_pattern!r}; config {args.config or 'defaults'} {' '.join(overrides)}; "
-          f"prepared at {size}px, normalize={normalize}; finetune={'yes' if finetune else 'no'}", flush=True)
+          f"prepared at {size}px, normalize={normalize}; "
+          + (f"grid search + finetune --best --top-k {args.top_k}" if args.search
+             else f"finetune={'yes' if finetune else 'no'}"), flush=True)
 
     t_start = time.monotonic()
     oof_p = np.full(len(items), np.nan)
@@ -234,23 +265,29 @@ def main(argv: Sequence[str] | None = None) -> int:
         data = prepare_fold(args.workdir / data_key / f"fold-{k}", train_items, test_items, size, normalize,
                             args.group_pattern, args.seed)
         t_prep = time.monotonic() - t0
-        final, result = run_fold(cfg, data, args.workdir / tag / f"fold-{k}", finetune)
+        if args.search:
+            final, result = run_fold_search(cfg, data, args.workdir / tag / f"fold-{k}", args.top_k)
+        else:
+            final, result = run_fold(cfg, data, args.workdir / tag / f"fold-{k}", finetune)
         fold_names, fold_y, fold_p = _read_predictions(final / "eval-test" / "predictions.csv")
         threshold = float(json.loads((final / "metrics.json").read_text())["threshold"])
         m = json.loads((final / "eval-test" / "metrics.json").read_text())
         for n, p in zip(fold_names, fold_p):
             oof_p[index[n]] = p
             oof_called[index[n]] = p >= threshold
-        epochs = json.loads((args.workdir / tag / f"fold-{k}" / "metrics.json").read_text())["epochs_run"]
-        with (final / "history.csv").open(newline="") as f:
-            train_acc = float(list(csv.DictReader(f))[-1]["accuracy"])  # under- or over-fitting?
+        if args.search:
+            epochs, train_acc = "grid", float("nan")
+        else:
+            epochs = json.loads((args.workdir / tag / f"fold-{k}" / "metrics.json").read_text())["epochs_run"]
+            with (final / "history.csv").open(newline="") as f:
+                train_acc = float(list(csv.DictReader(f))[-1]["accuracy"])  # under- or over-fitting?
         ci = m.get("ci95", {})
         print(f"fold {k}: n={m['n']} AUC {_f(m['auc'])} ({_ci(ci.get('auc'))})  "
               f"bal.acc {_f(m['balanced_accuracy'])} ({_ci(ci.get('balanced_accuracy'))})  "
               f"sens {_f(m['sensitivity'])}  spec {_f(m['specificity'])}  "
               f"thr {threshold:.3f}  val bal.acc {_f(result['val']['balanced_accuracy'])}  "
               f"val AUC {_f(result['val']['auc'])}  train acc {train_acc:.3f}  epochs {epochs}"
-              f"{'+' + str(result['epochs_run']) if finetune else ''}  "
+              f"{'+' + str(result.get('epochs_run', '')) if finetune else ''}  "
               f"{(time.monotonic() - t0) / 60:.1f} min (prepare {t_prep:.0f}s)", flush=True)
 
     done = ~np.isnan(oof_p)
@@ -263,6 +300,7 @@ def main(argv: Sequence[str] | None = None) -> int:
           f"spec {s['specificity']:.3f} ({_ci(ci['specificity'])})  cm {s['confusion_matrix']}")
     (args.workdir / tag).mkdir(parents=True, exist_ok=True)
     (args.workdir / tag / "cv.json").write_text(json.dumps({"overrides": overrides, "config": args.config,
+                                                            "search": args.search, "top_k": args.top_k,
                                                             "size": size, "normalize": normalize,
                                                             "minutes": minutes, **s}, indent=2, default=float))
     print(f"cv_auc={s['auc']:.4f} cv_balanced_accuracy={s['balanced_accuracy']:.4f} minutes={minutes:.1f}")

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import REPO, shared_dir
+from conftest import REPO, shared_dir, study_file
 
 FUNDUS_TRAIN = shared_dir("fundus-train")
 
@@ -91,3 +91,38 @@ def test_two_fold_quick_run_on_real_photographs(tmp_path: Path, capsys: pytest.C
     last = dict(kv.split("=") for kv in lines[-1].split())
     assert set(last) == {"cv_auc", "cv_balanced_accuracy", "minutes"}
     assert 0.0 <= float(last["cv_auc"]) <= 1.0 and 0.0 <= float(last["cv_balanced_accuracy"]) <= 1.0
+
+
+@pytest.mark.slow
+def test_search_mode_runs_the_grid_and_the_top_k_ensemble_per_fold(
+        synth_root: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """``--search --top-k 2``: each fold runs the study's grid in its own SQLite file, fine-tunes
+    the two best trials and is scored by their ensemble; a second call reuses finished folds."""
+    import optuna
+
+    from drtune.synth import SYNTH_LAYOUT
+
+    bench = _bench()
+    images, labels, _ = SYNTH_LAYOUT["train"]
+    study = study_file(tmp_path, tmp_path / "unused", epochs=2, lrs="[3e-3, 1e-3]")
+    work = tmp_path / "bench"
+    argv = ["--images", str(synth_root / images), "--labels", str(synth_root / labels),
+            "--config", str(study), "--set", "search.pruner=none", "--set", "finetune.epochs=1",
+            "--folds", "2", "--group-pattern", "", "--size", "64", "--normalize", "none",
+            "--search", "--top-k", "2", "--workdir", str(work), "--tag", "s"]
+    assert bench.main(argv) == 0
+    first = capsys.readouterr().out.strip().splitlines()
+    for k in (0, 1):
+        fold = work / "s" / f"fold-{k}"
+        final = Path((fold / "final.txt").read_text())
+        assert final == fold / "tiny" / "finetune-top2"  # scored by the ensemble of the two best
+        assert (final / "ensemble.json").is_file() and (final / "eval-test" / "predictions.csv").is_file()
+        trials = optuna.load_study(study_name="tiny", storage=f"sqlite:///{fold / 'optuna.db'}").trials
+        assert sorted(t.params["train.lr"] for t in trials) == [1e-3, 3e-3]  # the grid, each point once
+    assert first[-1].startswith("cv_auc=")
+    # Finished folds are reused, not searched again: the same pooled figures from the same files.
+    assert bench.main(argv) == 0
+    again = capsys.readouterr().out.strip().splitlines()
+    assert again[-2] == first[-2]
+    with pytest.raises(SystemExit):
+        bench.main(argv[:-7] + ["--top-k", "2"])  # --top-k without --search
