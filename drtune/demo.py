@@ -12,7 +12,7 @@ from typing import Any
 
 from absl import logging
 
-from drtune.config import load_config, resolve_study_path
+from drtune import config as config_lib
 from drtune.errors import InputError
 from drtune.finetune import finetune_best
 from drtune.metrics import fmt_or_na
@@ -27,7 +27,7 @@ DEMO_STUDY = Path("studies") / "demo.toml"
 
 def run_demo(workdir: Path | str = "demo-work", study: Path | str | None = None) -> dict[str, Any]:
     """Run the demo with all its files under ``workdir``; return the fine-tuned test summary."""
-    study = resolve_study_path(study or DEMO_STUDY)
+    study = config_lib.resolve_study_path(study or DEMO_STUDY)
     if not study.is_file():
         raise InputError(f"{study}: demo study not found; run from the repository root or pass --config")
     workdir = Path(workdir)
@@ -35,7 +35,7 @@ def run_demo(workdir: Path | str = "demo-work", study: Path | str | None = None)
     # The demo keeps everything in its workdir, whatever the study file or $DRTUNE_STORAGE say
     # (the storage is passed explicitly because the variable outranks the config).
     storage = f"sqlite:///{runs / 'optuna.db'}"
-    cfg = load_config(study, extra={"data.dir": str(data), "search.workdir": str(runs),
+    cfg = config_lib.load_config(study, extra={"data.dir": str(data), "search.workdir": str(runs),
                                     "search.storage": storage})
     if not synth.is_dir():
         logging.info("[1/4] synthetic photographs -> %s", synth)
