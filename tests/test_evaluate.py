@@ -139,8 +139,9 @@ def test_data_prepared_differently_is_refused(run: Path, prepared: Path, synth_r
         (out / "meta.json").write_text(json.dumps(meta))
         return out
 
-    for changes, needle in (({"rdr_grade": 3}, "--rdr-grade 3 but .* --rdr-grade 2; prepare it again with --rdr-grade 2"),
-                            ({"size": 96}, "--size 96 but .* --size 64; prepare it again with --size 64")):
+    for changes, needle in (
+            ({"rdr_grade": 3}, "--rdr-grade 3 but .* --rdr-grade 2; prepare it again with --rdr-grade 2"),
+            ({"size": 96}, "--size 96 but .* --size 64; prepare it again with --size 64")):
         other = edited("-".join(changes), **changes)
         with pytest.raises(InputError, match=needle):
             evaluate_run(run, other, "train", n_boot=10)
