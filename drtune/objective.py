@@ -33,10 +33,10 @@ from drtune import config as config_lib
 from drtune import devices, metrics, runs
 # train is used as a module (train.train_and_evaluate) so that tests can replace its functions.
 from drtune import train
+from drtune.callbacks import MONITOR
 from drtune.config import Config
 from drtune.grid import TrialTakenOver, check_duplicate
 from drtune.study import no_space, upload
-from drtune.train import MONITOR
 
 
 def sample(trial: optuna.Trial, cfg: Config, grid: bool) -> Config:

@@ -17,10 +17,12 @@ import keras
 import numpy as np
 import pytest
 
+from drtune import callbacks, train
+from drtune.callbacks import RunOwner, RunOwnershipLost
 from drtune.cli import main
 from drtune.config import load_config
 from drtune.errors import InputError
-from drtune.train import RunOwner, RunOwnershipLost, TrainingDiverged, train_and_evaluate
+from drtune.train import TrainingDiverged, train_and_evaluate
 
 TINY = ["model.width=4", "data.image_size=32", "train.batch_size=4", "train.steps_per_epoch=3",
         "train.eval_batch_size=16"]
@@ -219,6 +221,13 @@ def test_a_run_taken_over_stops_without_writing(prepared: Path, tmp_path: Path) 
     # The new owner resumes it; every epoch is recorded once.
     assert train_and_evaluate(cfg, prepared, run)["epochs_run"] == 4
     assert [int(r["epoch"]) for r in history(run)] == [1, 2, 3, 4]
+
+
+def test_callback_names_imported_from_train_are_the_callbacks_own() -> None:
+    """The callbacks live in drtune.callbacks; the names other modules, scripts and tests import
+    from drtune.train (the search catches train.RunOwnershipLost) must be the very same objects."""
+    for name in ("RunOwner", "RunOwnershipLost", "MONITOR", "LAST", "seconds_per_epoch", "write_json"):
+        assert getattr(train, name) is getattr(callbacks, name), name
 
 
 def test_disk_full_is_one_line_and_keeps_good_models(prepared: Path, tmp_path: Path,
