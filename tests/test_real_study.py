@@ -17,6 +17,7 @@ def test_check_prepared_names_the_difference(tmp_path: Path) -> None:
     cfg = config_lib.load_config("real")
     assert (cfg.data.prepare_size, cfg.data.normalize) == (384, "graham")
     assert cfg.train.threshold == "fixed"  # 0.5, the balanced point of oversampled training
+    assert cfg.model.blocks_per_stage == 2  # the deeper network measured best by 5-fold CV
     config_lib.check_prepared(cfg, {"size": 384, "normalize": "graham"}, tmp_path)  # matches
     with pytest.raises(InputError, match=r"prepared with --normalize none .* data.normalize = 'graham'"):
         config_lib.check_prepared(cfg, {"size": 384, "normalize": "none"}, tmp_path)
