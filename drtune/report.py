@@ -154,8 +154,46 @@ def build_card(run_dir: Path | str, data_dir: Path | str | None = None,
     rdr_grade = int(info.get("rdr_grade", meta.get("rdr_grade", 2)))
     test, tp = _evaluation(run, "test", data, threshold)
     _, vp = _evaluation(run, "val", data, threshold)
-
     criterion = cfg.get("train", {}).get("threshold", "balanced_accuracy")
+    # Runs written before train.monitor existed picked their epoch by balanced accuracy.
+    monitor = run_metrics.get("monitor", "val_balanced_accuracy")
+    card: dict[str, Any] = {
+        "model_card_version": 1,
+        "generated": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "run": str(run.resolve()),
+        "intended_use": {
+            "use": "research tool to compare referable-DR classifiers and their hyperparameters",
+            "not": "not a medical device; not for diagnosis, screening or treatment decisions",
+            "target": f"Referable DR = ICDR grade >= {rdr_grade} on one colour fundus photograph",
+            "out_of_scope": "diabetic macular edema (DME), OCT, other eye disease, image quality grading",
+        },
+        "test": test,
+        "operating_points": _operating_points(test, tp, vp, threshold, criterion),
+        "reference_endpoints": {"name": "IDx-DR pivotal trial (Abramoff 2018)", **IDX_DR},
+        "calibration": {**metrics.calibration(tp["label"], tp["p_rdr"]), "split": "test"},
+        "per_grade": metrics.per_grade(tp["grade"], tp["called"], 0.5, rdr_grade),
+        "data": _data_facts(data, meta, info, rdr_grade),
+        "training": {"config": cfg, "best_epoch": run_metrics.get("best_epoch"),
+                     "epochs_run": run_metrics.get("epochs_run"), "params": run_metrics.get("params"),
+                     "seconds": run_metrics.get("seconds"),
+                     "val_balanced_accuracy": run_metrics.get("val_balanced_accuracy"),
+                     "val_auc": run_metrics.get("val_auc"), "threshold_criterion": criterion,
+                     "monitor": monitor},
+        "selection_rule": _selection_rule(monitor, criterion, bool(study)),
+        "caveats": _caveats(test),
+        "gradcam": _gradcam_links(run, (study or {}).get("gradcam")),
+        "versions": _versions(),
+    }
+    if study:
+        card["study"] = {k: v for k, v in study.items() if k != "gradcam"}
+    return card
+
+
+def _operating_points(test: dict[str, Any], tp: dict[str, np.ndarray], vp: dict[str, np.ndarray],
+                      threshold: float, criterion: str) -> list[dict[str, Any]]:
+    """The test metrics at the validation-frozen threshold and, when validation can reach it, at
+    the threshold chosen on validation for sensitivity >= TARGET_SENSITIVITY; each says whether
+    it clears the IDx-DR endpoints."""
     frozen = metrics.operating_point(f"validation-frozen threshold ({criterion})", tp["label"], tp["called"], 0.5)
     frozen["threshold"] = threshold
     val_frozen = metrics.binary_metrics(vp["label"], vp["p_rdr"], threshold)
@@ -173,61 +211,47 @@ def build_card(run_dir: Path | str, data_dir: Path | str | None = None,
         op["meets_idx_dr_endpoints"] = bool(
             op["sensitivity"] is not None and op["specificity"] is not None
             and op["sensitivity"] > IDX_DR["sensitivity"] and op["specificity"] > IDX_DR["specificity"])
+    return points
 
+
+def _data_facts(data: Path, meta: dict[str, Any], info: dict[str, Any], rdr_grade: int) -> dict[str, Any]:
+    """Where the photographs came from, how they were split and prepared."""
     splits = {s: {k: v for k, v in e.items() if k not in ("files", "names")} for s, e in meta["splits"].items()}
-    card: dict[str, Any] = {
-        "model_card_version": 1,
-        "generated": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "run": str(run.resolve()),
-        "intended_use": {
-            "use": "research tool to compare referable-DR classifiers and their hyperparameters",
-            "not": "not a medical device; not for diagnosis, screening or treatment decisions",
-            "target": f"Referable DR = ICDR grade >= {rdr_grade} on one colour fundus photograph",
-            "out_of_scope": "diabetic macular edema (DME), OCT, other eye disease, image quality grading",
-        },
-        "test": test,
-        "operating_points": points,
-        "reference_endpoints": {"name": "IDx-DR pivotal trial (Abramoff 2018)", **IDX_DR},
-        "calibration": {**metrics.calibration(tp["label"], tp["p_rdr"]), "split": "test"},
-        "per_grade": metrics.per_grade(tp["grade"], tp["called"], 0.5, rdr_grade),
-        "data": {
-            "dir": str(data), "source": meta.get("source"), "splits": splits, "rdr_grade": rdr_grade,
-            "group_pattern": meta.get("group_pattern"), "val_fraction": meta.get("val_fraction"),
-            "split_seed": meta.get("seed"), "skipped": len(meta.get("skipped", [])),
-            "preprocessing": {"size": info.get("size"), "input_size": info.get("input_size"),
-                              "normalize": info.get("normalize", "none"),
-                              "jpeg_quality": info.get("jpeg_quality")},
-        },
-        "training": {"config": cfg, "best_epoch": run_metrics.get("best_epoch"),
-                     "epochs_run": run_metrics.get("epochs_run"), "params": run_metrics.get("params"),
-                     "seconds": run_metrics.get("seconds"),
-                     "val_balanced_accuracy": run_metrics.get("val_balanced_accuracy"),
-                     "val_auc": run_metrics.get("val_auc"), "threshold_criterion": criterion},
-        "selection_rule": (
-            "Chosen on the validation split only: the weights of the epoch with the best validation "
-            "balanced accuracy (threshold 0.5), the decision threshold (" + criterion + " on "
-            "validation, then frozen), the sensitivity-target operating point"
-            + (", and the hyperparameters (the best trial of the study by validation balanced "
-               "accuracy)" if study else "")
-            + ". The test split was used for nothing but the numbers in this report."),
-        "caveats": [
-            f"Small test set (n={test['n']}: {test['confusion_matrix'][1][0] + test['confusion_matrix'][1][1]}"
-            f" RDR, {test['confusion_matrix'][0][0] + test['confusion_matrix'][0][1]} NRDR): read the "
-            "95% CIs, not the point estimates; an endpoint is shown to be met only when the CI's "
-            "lower bound clears it.",
-            "Camera, site and population shift: performance on photographs from other cameras, "
-            "clinics or populations than the data above is unknown until tested there.",
-            "Grad-CAM heatmaps are qualitative: they show where the model's evidence lies, not "
-            "that it is clinically right, and they are not a validated lesion detector.",
-            "Calibration was measured on the test split and not corrected: P(RDR) is a score, not "
-            "a risk, unless the reliability diagram says otherwise.",
-        ],
-        "gradcam": _gradcam_links(run, (study or {}).get("gradcam")),
-        "versions": _versions(),
+    return {
+        "dir": str(data), "source": meta.get("source"), "splits": splits, "rdr_grade": rdr_grade,
+        "group_pattern": meta.get("group_pattern"), "val_fraction": meta.get("val_fraction"),
+        "split_seed": meta.get("seed"), "skipped": len(meta.get("skipped", [])),
+        "preprocessing": {"size": info.get("size"), "input_size": info.get("input_size"),
+                          "normalize": info.get("normalize", "none"),
+                          "jpeg_quality": info.get("jpeg_quality")},
     }
-    if study:
-        card["study"] = {k: v for k, v in study.items() if k != "gradcam"}
-    return card
+
+
+def _selection_rule(monitor: str, criterion: str, from_study: bool) -> str:
+    """What was chosen on validation (and so nothing on test), in the run's own terms."""
+    value = "AUC" if monitor == "val_auc" else "balanced accuracy (threshold 0.5)"
+    return ("Chosen on the validation split only: the weights of the epoch with the best validation "
+            f"{value}, the decision threshold ({criterion} on validation, then frozen), the "
+            "sensitivity-target operating point"
+            + (f", and the hyperparameters (the best trial of the study by validation {value})"
+               if from_study else "")
+            + ". The test split was used for nothing but the numbers in this report.")
+
+
+def _caveats(test: dict[str, Any]) -> list[str]:
+    """What a reader must keep in mind, with the test split's own size."""
+    cm = test["confusion_matrix"]
+    return [
+        f"Small test set (n={test['n']}: {cm[1][0] + cm[1][1]} RDR, {cm[0][0] + cm[0][1]} NRDR): read the "
+        "95% CIs, not the point estimates; an endpoint is shown to be met only when the CI's "
+        "lower bound clears it.",
+        "Camera, site and population shift: performance on photographs from other cameras, "
+        "clinics or populations than the data above is unknown until tested there.",
+        "Grad-CAM heatmaps are qualitative: they show where the model's evidence lies, not "
+        "that it is clinically right, and they are not a validated lesion detector.",
+        "Calibration was measured on the test split and not corrected: P(RDR) is a score, not "
+        "a risk, unless the reliability diagram says otherwise.",
+    ]
 
 
 def study_facts(cfg: Any, storage: str | None = None, name: str | None = None) -> tuple[Path, dict[str, Any]]:

@@ -170,3 +170,15 @@ def test_report_errors_are_one_line(tmp_path: Path, capsys: pytest.CaptureFixtur
     assert main(["report", "--config", "demo", "--storage", url, "--study", "s", "--out", str(tmp_path / "o")]) == 2
     assert "finetune --best" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
+
+
+def test_selection_rule_names_the_runs_own_monitor() -> None:
+    """The card says which validation value picked the weights (and the trial): AUC for a run
+    trained with train.monitor = "val_auc", balanced accuracy otherwise."""
+    from drtune.report import _selection_rule
+
+    by_auc = _selection_rule("val_auc", "fixed", from_study=True)
+    assert "best validation AUC" in by_auc and "study by validation AUC" in by_auc
+    assert "balanced accuracy" not in by_auc
+    by_bacc = _selection_rule("val_balanced_accuracy", "balanced_accuracy", from_study=False)
+    assert "best validation balanced accuracy (threshold 0.5)" in by_bacc and "hyperparameters" not in by_bacc
