@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import os
+import signal
 from pathlib import Path
 
 import optuna
@@ -13,6 +14,14 @@ from optuna.trial import TrialState
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+def default_sigint() -> None:
+    """``preexec_fn`` of a child process that a test interrupts with SIGINT. A background job of a
+    non-interactive shell (as some CI runners start the suite) inherits SIGINT *ignored*, and a
+    Python started so never raises KeyboardInterrupt: the child gets the default disposition back,
+    so that Ctrl-C reaches it as it would in a terminal."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def shared_dir(name: str) -> Path:

@@ -23,7 +23,7 @@ import pytest
 from optuna.storages import RDBStorage
 from optuna.trial import TrialState
 
-from conftest import SIX_POINTS, check_grid_once, study_file
+from conftest import SIX_POINTS, check_grid_once, default_sigint, study_file
 from drtune.cli import main
 
 PG_URL = os.environ.get("DRTUNE_TEST_PG", "postgresql+psycopg2://postgres@127.0.0.1:5432/test")
@@ -235,7 +235,8 @@ def test_killed_and_interrupted_workers_leave_a_complete_grid(prepared: Path, tm
     path = study_file(tmp_path, prepared, epochs=10, lrs=SIX_POINTS)
     logs = [tmp_path / f"worker-{i}.log" for i in range(4)]
     procs = [subprocess.Popen(_search(path, pg, study_name, "--set", "search.pruner=none"), env=ENV,
-                              stdout=subprocess.DEVNULL, stderr=log.open("w")) for log in logs]
+                              stdout=subprocess.DEVNULL, stderr=log.open("w"), preexec_fn=default_sigint)
+             for log in logs]
     by_pid = {p.pid: p for p in procs}
     try:
         deadline, victims = time.monotonic() + 600, []

@@ -18,7 +18,7 @@ import pytest
 from optuna.artifacts import FileSystemArtifactStore, download_artifact, get_all_artifact_meta
 from optuna.trial import TrialState
 
-from conftest import study_file
+from conftest import default_sigint, study_file
 from drtune.cli import main
 from drtune.config import load_config
 from drtune.errors import InputError
@@ -449,7 +449,8 @@ def test_interrupted_grid_point_runs_again(prepared: Path, tmp_path: Path) -> No
     cfg = load_config(path)
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
     cmd = _drtune("search", "--grid", "--config", str(path))
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=default_sigint)
     state = Path(cfg.search.workdir) / "tiny" / "trial-0000" / "checkpoints" / "state.json"
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline and proc.poll() is None:
