@@ -54,7 +54,7 @@ from absl import logging
 
 from drtune import metrics
 from drtune.errors import DrtuneError
-from drtune.runs import CHECKPOINTS_DIR
+from drtune.runs import CHECKPOINTS_DIR, temp_sibling, write_json
 
 # The default of ``train.monitor``: what checkpoints, early stopping and pruning follow (also the
 # key under which ValidationMetrics logs balanced accuracy, whatever the monitor).
@@ -71,25 +71,6 @@ class RunOwnershipLost(DrtuneError):
     Raised at the first write after the claim; this process has written nothing since. The new
     owner resumes from the last finished epoch, so the caller should just stop.
     """
-
-
-# Atomic writes. They live here, not in train.py, because RunOwner and Checkpoints write with
-# them and train.py imports this module (the other way round would be a cycle); train.py
-# re-exports write_json, which evaluate and gradcam import from there.
-def _tmp_name(path: Path) -> Path:
-    """A temporary sibling of ``path`` unique to this process, with the same suffix (Keras
-    requires ``.keras``): two processes saving the same file never write the same temp file."""
-    return path.with_name(f".{path.stem}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp{path.suffix}")
-
-
-def write_json(path: Path, obj: Any) -> None:
-    """Write JSON atomically (temporary file + rename) so readers never see half a file."""
-    tmp = _tmp_name(path)
-    try:
-        tmp.write_text(json.dumps(obj, indent=2, default=float) + "\n")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 class RunOwner(keras.callbacks.Callback):
@@ -140,7 +121,7 @@ class RunOwner(keras.callbacks.Callback):
         file in place, never a truncated one; the token is checked again just before the rename
         because a save takes long enough to be paused in.
         """
-        tmp = _tmp_name(path)
+        tmp = temp_sibling(path)
         try:
             model.save(tmp)
             self.check()

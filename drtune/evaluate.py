@@ -23,8 +23,8 @@ from drtune.errors import InputError
 from drtune.model import as_float32
 from drtune.prepare import ImageError, encode_jpeg, preprocess_file
 from drtune.runs import (CLASS_NAMES, CONFIG_JSON, DATA_JSON, METRICS_JSON, MODEL_KERAS, PREDICTIONS_CSV, SPLITS,
-                         TEST, eval_dir, load_meta, prepared_differences, prepared_options, prepared_refusal)
-from drtune.train import write_json
+                         TEST, eval_dir, load_meta, prepared_differences, prepared_options, prepared_refusal,
+                         write_json)
 # Importing drtune.tta also registers tta.View with Keras, the layer ensemble runs' models hold,
 # so that load_run loads any run's model.keras.
 from drtune.tta import tta_model

@@ -41,9 +41,8 @@ from drtune.gallery import GROUPS, NAMED, PREFIX, SELECTION, gallery_artifacts  
 from drtune.labels import list_images, read_labels
 from drtune.model import FEATURE_LAYER
 from drtune.prepare import decode_photo
-from drtune.runs import MODEL_KERAS, SPLITS, TEST, TRAIN, load_meta
+from drtune.runs import MODEL_KERAS, SPLITS, TEST, TRAIN, load_meta, write_json
 from drtune.synth import SYNTH_LAYOUT, mask_path
-from drtune.train import write_json
 
 RDR = 1
 

@@ -19,6 +19,7 @@ import re
 import shutil
 import socket
 import tempfile
+import uuid
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping, NamedTuple, Sequence
@@ -129,6 +130,25 @@ def prepared_refusal(data_dir: Path | str, diffs: Sequence[PreparedDifference], 
     return (f"{data_dir}: prepared with {' '.join(f'{d.flag} {d.found}' for d in diffs)} "
             f"but {expected_by} {wanted}{f' ({detail})' if detail else ''}; "
             f"prepare it again with {wanted}{f' (or {alternative})' if alternative else ''}")
+
+
+# --------------------------------------------------------------------------- atomic files
+
+
+def temp_sibling(path: Path) -> Path:
+    """A temporary sibling of ``path`` unique to this process, with the same suffix (Keras
+    requires ``.keras``): two processes saving the same file never write the same temp file."""
+    return path.with_name(f".{path.stem}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp{path.suffix}")
+
+
+def write_json(path: Path, obj: Any) -> None:
+    """Write JSON atomically (temporary file + rename) so readers never see half a file."""
+    tmp = temp_sibling(path)
+    try:
+        tmp.write_text(json.dumps(obj, indent=2, default=float) + "\n")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 # --------------------------------------------------------------------------- atomic folders

@@ -37,15 +37,16 @@ from absl import logging
 from drtune import config as config_lib
 from drtune import data, devices, metrics, runs
 # The callbacks live in drtune.callbacks; the names other modules, scripts and tests import from
-# here (RunOwnershipLost, RunOwner, MONITOR, LAST, seconds_per_epoch, write_json) stay importable.
+# here (RunOwnershipLost, RunOwner, MONITOR, LAST, seconds_per_epoch) stay importable, and so does
+# write_json, whose home is drtune.runs.
 from drtune.callbacks import (LAST, MONITOR, STATE, BestModel, Checkpoints, CSVLogger, EpochLog,
                               ResumableEarlyStopping, RunOwner, RunOwnershipLost, TensorBoard,
-                              ValidationMetrics, seconds_per_epoch, write_json)
+                              ValidationMetrics, seconds_per_epoch)
 from drtune.config import Config
 from drtune.errors import DrtuneError, InputError
 from drtune.metrics import read_history
 from drtune.model import as_float32, build_model, compile_model
-from drtune.runs import CHECKPOINTS_DIR, CONFIG_JSON, DATA_JSON, HISTORY_CSV, METRICS_JSON, MODEL_KERAS
+from drtune.runs import CHECKPOINTS_DIR, CONFIG_JSON, DATA_JSON, HISTORY_CSV, METRICS_JSON, MODEL_KERAS, write_json
 from drtune.tta import tta_model
 
 
