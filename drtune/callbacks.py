@@ -13,6 +13,9 @@ What each does:
   atomically.
 - :class:`CSVLogger`, :class:`TensorBoard`: Keras' own, writing epochs counted from 1
   (``history.csv``, ``tensorboard/``).
+- :class:`ChanceLevel`: a check, a few epochs after warm-up, that training has left chance level;
+  a run that has not is restarted from new random weights (``train.chance_restarts``) or
+  warned about.
 - :class:`EpochLog`: one log line per epoch and the epoch durations behind
   :func:`seconds_per_epoch`.
 - :class:`ResumableEarlyStopping`: early stopping whose patience survives a resume.
@@ -24,11 +27,12 @@ The order in which ``train.py`` installs them (``_callbacks``) is the order Kera
 
 1. :class:`RunOwner` — the token check comes before any write of the epoch;
 2. :class:`ValidationMetrics` — everything after reads the keys it adds;
-3. Keras' ``TerminateOnNaN``, :class:`BestModel`, :class:`CSVLogger`, :class:`TensorBoard`,
+3. :class:`ChanceLevel` — a restart it asks for comes before the epoch is written anywhere;
+4. Keras' ``TerminateOnNaN``, :class:`BestModel`, :class:`CSVLogger`, :class:`TensorBoard`,
    :class:`EpochLog`, then :class:`ResumableEarlyStopping` when ``train.patience`` is set;
-4. the caller's callbacks (the search's progress attributes and pruning report), after every
+5. the caller's callbacks (the search's progress attributes and pruning report), after every
    writer of the run;
-5. :class:`Checkpoints` last, because it commits the epoch: a kill or an exception anywhere
+6. :class:`Checkpoints` last, because it commits the epoch: a kill or an exception anywhere
    before the commit (a pruned trial included) re-runs the whole epoch end on resume, so no
    reported value is lost, and ``history.csv`` is trimmed back to the committed epochs.
 
@@ -167,6 +171,54 @@ class ValidationMetrics(keras.callbacks.Callback):
             self.writer.flush()
 
 
+# Cross-entropy of a network that predicts 0.5 for every image of the balanced training stream
+# (label smoothing does not change it): where a run stuck at chance level sits.
+CHANCE_LOSS = math.log(2.0)
+
+
+class StuckAtChance(DrtuneError):
+    """Raised by :class:`ChanceLevel` to have ``train_and_evaluate`` restart from new weights."""
+
+
+class ChanceLevel(keras.callbacks.Callback):
+    """At epoch ``check_epoch`` (counted from 1), is training still at chance level?
+
+    On CPU, training is not bit-for-bit repeatable, and about one run in 16 of the ``real``
+    study never left chance level: the training loss stayed at ln 2 (the network answers 0.5
+    for every image) for all 50 epochs, while the identical configuration learned in other
+    runs. Such a run is recognisable early: its training loss is still within ``tolerance`` of
+    ln 2 and its validation AUC below ``max_auc``, ``check_epoch`` epochs in. Then, while
+    ``restarts_left`` > 0, :class:`StuckAtChance` is raised (before anything of the epoch is
+    written) and training starts again from new random weights; otherwise a warning says so.
+    Regularisation penalties (``model.l2``) are taken out of the loss before the comparison.
+    """
+
+    def __init__(self, check_epoch: int, restarts_left: int, tolerance: float = 0.01,
+                 max_auc: float = 0.6) -> None:
+        super().__init__()
+        self.check_epoch, self.restarts_left = check_epoch, restarts_left
+        self.tolerance, self.max_auc = tolerance, max_auc
+
+    def stuck(self, logs: dict[str, Any]) -> bool:
+        """Whether these epoch logs are those of a run at chance level."""
+        penalty = sum(float(keras.ops.convert_to_numpy(v)) for v in self.model.losses) if self.model else 0.0
+        loss = float(logs.get("loss", math.nan)) - penalty
+        auc = float(logs.get("val_auc", math.nan))
+        # A NaN AUC (one-class validation split) judges nothing, and a NaN loss is TerminateOnNaN's.
+        return abs(loss - CHANCE_LOSS) < self.tolerance and auc < self.max_auc
+
+    def on_epoch_end(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
+        if epoch + 1 != self.check_epoch or not self.stuck(logs or {}):
+            return
+        logs = logs or {}
+        what = (f"training has not left chance level after {epoch + 1} epochs (loss {logs['loss']:.4f}, "
+                f"ln 2 = {CHANCE_LOSS:.4f}; validation AUC {logs['val_auc']:.3f})")
+        if self.restarts_left > 0:
+            raise StuckAtChance(what)
+        logging.warning("%s: this run is unlikely to learn; train again (train.chance_restarts restarts "
+                        "such a run from new random weights) or change train.lr or train.seed", what)
+
+
 class _CountFromOne:
     """Mixin for a Keras callback that writes epoch numbers: it writes them counted from 1."""
 
@@ -270,10 +322,10 @@ class Checkpoints(keras.callbacks.Callback):
     """
 
     def __init__(self, workdir: Path, every: int, owner: RunOwner,
-                 early_stopping: ResumableEarlyStopping | None = None) -> None:
+                 early_stopping: ResumableEarlyStopping | None = None, restarts: int = 0) -> None:
         super().__init__()
         self.workdir, self.every, self.owner = workdir, every, owner
-        self.early_stopping = early_stopping
+        self.early_stopping, self.restarts = early_stopping, restarts
 
     def on_epoch_end(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
         ckpt = self.workdir / CHECKPOINTS_DIR
@@ -283,6 +335,8 @@ class Checkpoints(keras.callbacks.Callback):
         state: dict[str, Any] = {"epochs_done": epoch + 1}
         if self.early_stopping is not None:
             state["early_stopping"] = self.early_stopping.state()
+        if self.restarts:
+            state["restarts"] = self.restarts  # see ChanceLevel
         self.owner.check()
         write_json(ckpt / STATE, state)
 

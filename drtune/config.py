@@ -73,6 +73,11 @@ class TrainConfig:
     schedule: str = "constant"  # constant | cosine (decay to 0 over train.epochs)
     warmup_epochs: int = 0  # linear warm-up from 0 to train.lr before the schedule
     label_smoothing: float = 0.0  # targets 1 - e/2 and e/2 instead of 1 and 0
+    # A run still at chance level (training loss ~ ln 2, validation AUC < 0.6) at epoch
+    # chance_check_epoch (0: never checked) is restarted from new random weights up to this
+    # many times (0: a warning only); see drtune.callbacks.ChanceLevel. Not in fine-tuning.
+    chance_restarts: int = 0
+    chance_check_epoch: int = 0
     # Test-time augmentation (drtune/tta.py) of the final model: the validation threshold,
     # evaluate, predict and gradcam all average over these views. none | flips | dihedral
     tta: str = "none"
@@ -175,6 +180,8 @@ _RULES: tuple[tuple[str, typing.Callable[[Any], bool], str], ...] = (
     ("train.schedule", lambda v: v in SCHEDULES, f"must be one of {', '.join(SCHEDULES)}"),
     ("train.warmup_epochs", lambda v: v >= 0, "must be >= 0"),
     ("train.label_smoothing", lambda v: 0.0 <= v < 0.5, "must be in [0, 0.5)"),
+    ("train.chance_restarts", lambda v: v >= 0, "must be >= 0"),
+    ("train.chance_check_epoch", lambda v: v >= 0, "must be >= 0 (0: off)"),
     ("train.tta", lambda v: v in TTA_MODES, f"must be one of {', '.join(TTA_MODES)}"),
     ("train.monitor", lambda v: v in MONITORS, f"must be one of {', '.join(MONITORS)}"),
     ("train.precision", lambda v: v in PRECISIONS, f"must be one of {', '.join(PRECISIONS)}"),

@@ -123,11 +123,17 @@ class PruneBeforeLastEpoch(keras.callbacks.Callback):
     What Optuna's ``KerasPruningCallback`` does, but at steps counted from 1 (it reports at
     Keras' 0-based epoch index) and recording why it pruned: the trial's user attributes
     ``pruned_at_epoch`` and ``pruned_reason`` (see :func:`prune_reason`).
+
+    A run restarted from new weights (``train.chance_restarts``) runs its first epochs again:
+    Optuna keeps the first value reported at a step (it ignores, with a warning, a second one),
+    so those epochs are neither reported nor judged again; the trial's curve shows the abandoned
+    start up to the restart and the new start after it.
     """
 
     def __init__(self, trial: optuna.Trial, epochs: int, monitor: str = MONITOR) -> None:
         super().__init__()
         self.trial, self.epochs, self.monitor = trial, epochs, monitor
+        self.reported = 0  # the last step reported by this process
 
     def on_epoch_end(self, epoch: int, logs: dict[str, float] | None = None) -> None:
         value = (logs or {}).get(self.monitor)
@@ -136,6 +142,9 @@ class PruneBeforeLastEpoch(keras.callbacks.Callback):
                             self.monitor, ", ".join(sorted(logs or {})))
             return
         step = epoch + 1
+        if step <= self.reported:
+            return
+        self.reported = step
         self.trial.report(float(value), step=step)
         if step < self.epochs and self.trial.should_prune():
             reason = prune_reason(self.trial.study, self.trial.number, step, self.monitor)

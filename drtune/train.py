@@ -25,6 +25,7 @@ import errno
 import functools
 import json
 import math
+import shutil
 import time
 from pathlib import Path
 from typing import Any, Sequence
@@ -39,8 +40,8 @@ from drtune import data, devices, metrics, runs
 # The callbacks live in drtune.callbacks; the names other modules, scripts and tests import from
 # here (RunOwnershipLost, RunOwner, MONITOR, LAST, seconds_per_epoch) stay importable, and so does
 # write_json, whose home is drtune.runs.
-from drtune.callbacks import (LAST, MONITOR, STATE, BestModel, Checkpoints, CSVLogger, EpochLog,
-                              ResumableEarlyStopping, RunOwner, RunOwnershipLost, TensorBoard,
+from drtune.callbacks import (LAST, MONITOR, STATE, BestModel, ChanceLevel, Checkpoints, CSVLogger, EpochLog,
+                              ResumableEarlyStopping, RunOwner, RunOwnershipLost, StuckAtChance, TensorBoard,
                               ValidationMetrics, seconds_per_epoch)
 from drtune.config import Config
 from drtune.errors import DrtuneError, InputError
@@ -48,6 +49,11 @@ from drtune.metrics import read_history
 from drtune.model import as_float32, build_model, compile_model
 from drtune.runs import CHECKPOINTS_DIR, CONFIG_JSON, DATA_JSON, HISTORY_CSV, METRICS_JSON, MODEL_KERAS, write_json
 from drtune.tta import tta_model
+
+
+# Seed offset of each restart (train.chance_restarts): a prime, so restarts of neighbouring
+# train.seed values do not land on each other's seeds.
+RESTART_SEED_STEP = 1_000_003
 
 
 class TrainingDiverged(DrtuneError):
@@ -185,29 +191,71 @@ def train_and_evaluate(
     input_size = _write_run_files(workdir, cfg_dict, cfg, data_dir, meta)
     state_path = workdir / CHECKPOINTS_DIR / STATE
     state = json.loads(state_path.read_text()) if state_path.is_file() else {}
-    epochs_done = int(state.get("epochs_done", 0))
 
-    keras.utils.set_random_seed(cfg.train.seed)
+    t0 = time.monotonic()
+    while True:
+        try:
+            epoch_log, val_ds, y_val = _fit(cfg, workdir, data_dir, meta, owner, state, callbacks,
+                                            init_model, input_size)
+            break
+        except StuckAtChance as exc:
+            state = _restart(cfg, workdir, owner, int(state.get("restarts", 0)) + 1, str(exc))
+    seconds = time.monotonic() - t0
+    owner.check()  # a run taken over after its last epoch must not write metrics.json either
+    history = read_history(workdir / HISTORY_CSV)
+    _check_converged(cfg, workdir, history)
+    return _finish(cfg, workdir, data_dir, meta, val_ds, y_val, history, seconds, epoch_log.seconds,
+                   int(state.get("restarts", 0)))
+
+
+def _fit(cfg: Config, workdir: Path, data_dir: Path, meta: dict[str, Any], owner: RunOwner,
+         state: dict[str, Any], callbacks: Sequence[keras.callbacks.Callback], init_model: Path | str | None,
+         input_size: int) -> tuple[EpochLog, tf.data.Dataset, np.ndarray]:
+    """Run (or resume) ``fit`` from the committed ``state``; (epoch log, validation data, labels)."""
+    epochs_done = int(state.get("epochs_done", 0))
+    restarts = int(state.get("restarts", 0))
+    # A restarted run draws new initial weights (and dropout masks); the data stream, seeded by
+    # train.seed itself in drtune.data, stays the same. NumPy and Keras take 32-bit seeds.
+    keras.utils.set_random_seed((cfg.train.seed + RESTART_SEED_STEP * restarts) % 2**32)
     train_ds, steps, val_ds, y_val = _datasets(cfg, data_dir, meta, epochs_done)
     history = _trim_history(workdir / HISTORY_CSV, epochs_done)
     model = _initial_model(cfg, workdir, epochs_done, init_model, input_size, steps)
     epoch_log = EpochLog(cfg.train.epochs)
     early_stopping = (ResumableEarlyStopping(cfg.train.patience, state.get("early_stopping"), cfg.train.monitor)
                       if cfg.train.patience else None)
+    # Restarting re-draws random weights, which a warm start (fine-tuning) does not have.
+    chance = (ChanceLevel(cfg.train.chance_check_epoch,
+                          cfg.train.chance_restarts - restarts if init_model is None else 0)
+              if cfg.train.chance_check_epoch else None)
     cbs = _callbacks(workdir, cfg, owner, val_ds, y_val, _best(history, cfg.train.monitor)[1],
-                     bool(history), epoch_log, early_stopping, callbacks)
-
-    t0 = time.monotonic()
-    logging.info("training %s: %d epochs x %d steps, batch %d, lr %g, %d parameters",
-                 workdir, cfg.train.epochs, steps, cfg.train.batch_size, cfg.train.lr, model.count_params())
+                     bool(history), epoch_log, early_stopping, chance, restarts, callbacks)
+    logging.info("training %s: %d epochs x %d steps, batch %d, lr %g, %d parameters%s",
+                 workdir, cfg.train.epochs, steps, cfg.train.batch_size, cfg.train.lr, model.count_params(),
+                 f" (restart {restarts})" if restarts else "")
     if epochs_done < cfg.train.epochs:
         model.fit(train_ds, epochs=cfg.train.epochs, initial_epoch=epochs_done, steps_per_epoch=steps,
                   callbacks=cbs, verbose=0, shuffle=False)
-    seconds = time.monotonic() - t0
-    owner.check()  # a run taken over after its last epoch must not write metrics.json either
-    history = read_history(workdir / HISTORY_CSV)
-    _check_converged(cfg, workdir, history)
-    return _finish(cfg, workdir, data_dir, meta, val_ds, y_val, history, seconds, epoch_log.seconds)
+    return epoch_log, val_ds, y_val
+
+
+def _restart(cfg: Config, workdir: Path, owner: RunOwner, restarts: int, why: str) -> dict[str, Any]:
+    """Start the run over from new random weights; returns the committed state of the restart.
+
+    The new ``state.json`` (no epoch done, the restart count) is written first: it commits the
+    restart, so a kill at any point after it resumes the restarted run (``history.csv`` is trimmed
+    to the committed epochs), and a kill before it re-runs the stuck epoch and restarts again.
+    Then what the abandoned start wrote is removed: its models, checkpoints and TensorBoard logs.
+    """
+    logging.warning("%s: %s; restart %d of %d from new random weights (train.chance_restarts)",
+                    workdir, why, restarts, cfg.train.chance_restarts)
+    state = {"epochs_done": 0, "restarts": restarts}
+    owner.check()
+    write_json(workdir / CHECKPOINTS_DIR / STATE, state)
+    for path in [workdir / MODEL_KERAS, workdir / CHECKPOINTS_DIR / LAST,
+                 *(workdir / CHECKPOINTS_DIR).glob("epoch-*.keras")]:
+        path.unlink(missing_ok=True)
+    shutil.rmtree(workdir / "tensorboard", ignore_errors=True)
+    return state
 
 
 def _write_run_files(workdir: Path, cfg_dict: dict[str, Any], cfg: Config, data_dir: Path,
@@ -278,7 +326,7 @@ def _check_converged(cfg: Config, workdir: Path, history: list[dict[str, str]]) 
 
 def _callbacks(workdir: Path, cfg: Config, owner: RunOwner, val_ds: tf.data.Dataset, y_val: np.ndarray,
                best_value: float, resumed: bool, epoch_log: EpochLog,
-               early_stopping: ResumableEarlyStopping | None,
+               early_stopping: ResumableEarlyStopping | None, chance: ChanceLevel | None, restarts: int,
                user: Sequence[keras.callbacks.Callback]) -> list[keras.callbacks.Callback]:
     """The callbacks of ``fit``, in the order their ``on_epoch_end`` must run.
 
@@ -291,6 +339,7 @@ def _callbacks(workdir: Path, cfg: Config, owner: RunOwner, val_ds: tf.data.Data
     cbs: list[keras.callbacks.Callback] = [
         owner,
         ValidationMetrics(val_ds, y_val, workdir / "tensorboard" / "validation"),
+        *([chance] if chance is not None else []),
         keras.callbacks.TerminateOnNaN(),
         BestModel(workdir / MODEL_KERAS, owner, best_value, cfg.train.monitor),
         CSVLogger(str(workdir / HISTORY_CSV), append=resumed),
@@ -300,13 +349,13 @@ def _callbacks(workdir: Path, cfg: Config, owner: RunOwner, val_ds: tf.data.Data
     if early_stopping is not None:
         cbs.append(early_stopping)
     cbs.extend(user)
-    cbs.append(Checkpoints(workdir, cfg.train.checkpoint_every, owner, early_stopping))
+    cbs.append(Checkpoints(workdir, cfg.train.checkpoint_every, owner, early_stopping, restarts))
     return cbs
 
 
 def _finish(cfg: Config, workdir: Path, data_dir: Path, meta: dict[str, Any], val_ds: tf.data.Dataset,
             y_val: np.ndarray, history: list[dict[str, str]], seconds: float,
-            epoch_seconds: list[float]) -> dict[str, Any]:
+            epoch_seconds: list[float], restarts: int = 0) -> dict[str, Any]:
     """Freeze the threshold on validation, write metrics.json and the learning-curve plot."""
     best_model = as_float32(keras.models.load_model(workdir / MODEL_KERAS))  # as evaluate sees it
     # The threshold is frozen on the predictions evaluate/predict will make: with the TTA views.
@@ -323,6 +372,8 @@ def _finish(cfg: Config, workdir: Path, data_dir: Path, meta: dict[str, Any], va
         "val_auc": _finite(float(at_best.get("val_auc") or "nan")),
         "best_epoch": best_epoch,
         "epochs_run": len(history),
+        # Starts abandoned at chance level (train.chance_restarts); epochs_run counts the last only.
+        "restarts": restarts,
         "threshold": threshold,
         "val": metrics.binary_metrics(y_val, p_val, threshold),
         "seconds": seconds,

@@ -13,7 +13,7 @@ from optuna.trial import TrialState, create_trial
 from conftest import study_file
 from drtune.config import load_config
 from drtune.metrics import read_history
-from drtune.objective import prune_reason
+from drtune.objective import PruneBeforeLastEpoch, prune_reason
 from drtune.search import search
 from drtune.status import status_text
 from drtune.study import create_study
@@ -39,6 +39,18 @@ def test_prune_reason_names_the_median_it_was_held_against() -> None:
     nan.report(math.nan, step=1)
     assert nan.should_prune()
     assert prune_reason(study, nan.number, 1, "val_auc").startswith("val_auc is NaN at epoch 1")
+
+
+def test_epochs_run_again_after_a_restart_are_not_reported_twice(recwarn: pytest.WarningsRecorder) -> None:
+    study = optuna.create_study(direction="maximize", pruner=optuna.pruners.NopPruner())
+    trial = study.ask()
+    report = PruneBeforeLastEpoch(trial, epochs=10, monitor="val_auc")
+    # A start abandoned at chance level after epoch 2, then the restarted run's epochs 1-3.
+    for epoch, auc in [(0, 0.50), (1, 0.51), (0, 0.62), (1, 0.70), (2, 0.74)]:
+        report.on_epoch_end(epoch, {"val_auc": auc})
+    frozen = study.trials[0]
+    assert frozen.intermediate_values == {1: 0.50, 2: 0.51, 3: 0.74}
+    assert not [w for w in recwarn if "already reported" in str(w.message)]
 
 
 def test_prune_reason_of_other_pruners_names_pruner_and_value() -> None:

@@ -341,3 +341,69 @@ def test_mixed_precision_run_trains_resumes_and_evaluates_in_float32(prepared: P
     val = evaluate_run(run, prepared, "val")
     assert val["confusion_matrix"] == result["val"]["confusion_matrix"]
     assert val["threshold"] == result["threshold"]
+
+
+class HoldAtChance(keras.callbacks.Callback):
+    """Makes a network stuck at chance level for real: its classifier's weights are zeroed
+    after every batch, so it answers exactly 0.5 for every image (training loss ln 2, validation
+    AUC 0.5). ``first_only``: only the first network it is given (so a restart gets away)."""
+
+    def __init__(self, first_only: bool) -> None:
+        super().__init__()
+        self.first_only, self.held = first_only, None
+
+    def set_model(self, model: keras.Model) -> None:
+        super().set_model(model)
+        if self.held is None or not self.first_only:
+            self.held = model
+
+    def on_train_batch_end(self, batch: int, logs: dict | None = None) -> None:
+        if self.model is self.held:
+            layer = self.model.get_layer("probs")
+            layer.set_weights([np.zeros_like(w) for w in layer.get_weights()])
+
+
+def test_chance_level_criterion_takes_out_the_l2_penalty() -> None:
+    check = callbacks.ChanceLevel(check_epoch=5, restarts_left=0)
+    model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(
+        2, kernel_regularizer=keras.regularizers.L2(0.5), kernel_initializer="ones")])
+    check.set_model(model)  # penalty 0.5 * 4 = 2.0 in Keras' "loss"
+    assert check.stuck({"loss": 2.0 + 0.6935, "val_auc": 0.52})
+    assert not check.stuck({"loss": 2.0 + 0.60, "val_auc": 0.52})  # learning
+    assert not check.stuck({"loss": 2.0 + 0.6935, "val_auc": 0.75})  # validation says it learns
+    assert not check.stuck({"loss": 2.0 + 0.6935, "val_auc": float("nan")})  # one-class split: no verdict
+
+
+@pytest.mark.slow
+def test_run_stuck_at_chance_restarts_from_new_weights(prepared: Path, tmp_path: Path) -> None:
+    cfg = tiny("train.epochs=4", "train.chance_check_epoch=2", "train.chance_restarts=2",
+               "train.checkpoint_every=1")
+    run = tmp_path / "run"
+    hold = HoldAtChance(first_only=True)
+    reporter = Reporter()
+    result = train_and_evaluate(cfg, prepared, run, callbacks=[hold, reporter])
+    assert result["restarts"] == 1 and result["epochs_run"] == 4
+    # The stuck start's epoch 2 was never committed or reported; the restart ran all 4 epochs.
+    assert reporter.seen == [0, 0, 1, 2, 3]
+    assert [int(r["epoch"]) for r in history(run)] == [1, 2, 3, 4]
+    assert not any(abs(float(r["loss"]) - np.log(2)) < 1e-3 for r in history(run))
+    assert json.loads((run / "checkpoints" / "state.json").read_text()) == {"epochs_done": 4, "restarts": 1}
+    assert sorted(p.name for p in (run / "checkpoints").glob("epoch-*.keras")) == [
+        f"epoch-{e:04d}.keras" for e in range(1, 5)]
+    # The restart drew other initial weights than the stuck start (same train.seed).
+    plain = train_and_evaluate(tiny("train.epochs=1"), prepared, tmp_path / "plain")
+    del plain
+    assert float(history(run)[0]["loss"]) != pytest.approx(float(history(tmp_path / "plain")[0]["loss"]), rel=1e-4)
+
+
+@pytest.mark.slow
+def test_run_still_stuck_after_its_restarts_finishes_with_a_warning(prepared: Path, tmp_path: Path,
+                                                                    caplog: pytest.LogCaptureFixture) -> None:
+    cfg = tiny("train.epochs=3", "train.chance_check_epoch=2", "train.chance_restarts=1")
+    result = train_and_evaluate(cfg, prepared, tmp_path / "run", callbacks=[HoldAtChance(first_only=False)])
+    assert result["restarts"] == 1 and result["epochs_run"] == 3
+    assert result["val_auc"] == pytest.approx(0.5)
+    assert [float(r["loss"]) for r in history(tmp_path / "run")][1:] == pytest.approx([np.log(2)] * 2, abs=1e-4)
+    messages = [r.getMessage() for r in caplog.records]
+    assert any("restart 1 of 1" in m for m in messages)
+    assert any("has not left chance level after 2 epochs" in m and "unlikely to learn" in m for m in messages)
