@@ -165,6 +165,19 @@ def run_fold_search(cfg: config_lib.Config, data: Path, run_dir: Path, top_k: in
     return final, json.loads((final / "metrics.json").read_text())
 
 
+def search_facts(fold_dir: Path, final: Path) -> str:
+    """What a fold's search did: its trials by state and the models in the final one."""
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = optuna.load_study(study_name=None, storage=f"sqlite:///{fold_dir / 'optuna.db'}")
+    states = [t.state.name.lower() for t in study.get_trials(deepcopy=False)]
+    counts = ", ".join(f"{states.count(s)} {s}" for s in sorted(set(states)))
+    ensemble = final / "ensemble.json"
+    models = len(json.loads(ensemble.read_text())["members"]) if ensemble.is_file() else 1
+    return f"trials: {counts}; final: {models} fine-tuned model{'s' if models > 1 else ''}"
+
+
 def _read_predictions(path: Path) -> tuple[list[str], np.ndarray, np.ndarray]:
     with path.open(newline="") as f:
         rows = list(csv.DictReader(f))
@@ -276,18 +289,19 @@ def main(argv: Sequence[str] | None = None) -> int:
             oof_p[index[n]] = p
             oof_called[index[n]] = p >= threshold
         if args.search:
-            epochs, train_acc = "grid", float("nan")
+            how = search_facts(args.workdir / tag / f"fold-{k}", final)
         else:
             epochs = json.loads((args.workdir / tag / f"fold-{k}" / "metrics.json").read_text())["epochs_run"]
             with (final / "history.csv").open(newline="") as f:
                 train_acc = float(list(csv.DictReader(f))[-1]["accuracy"])  # under- or over-fitting?
+            how = (f"train acc {train_acc:.3f}  epochs {epochs}"
+                   f"{'+' + str(result.get('epochs_run', '')) if finetune else ''}")
         ci = m.get("ci95", {})
         print(f"fold {k}: n={m['n']} AUC {_f(m['auc'])} ({_ci(ci.get('auc'))})  "
               f"bal.acc {_f(m['balanced_accuracy'])} ({_ci(ci.get('balanced_accuracy'))})  "
               f"sens {_f(m['sensitivity'])}  spec {_f(m['specificity'])}  "
               f"thr {threshold:.3f}  val bal.acc {_f(result['val']['balanced_accuracy'])}  "
-              f"val AUC {_f(result['val']['auc'])}  train acc {train_acc:.3f}  epochs {epochs}"
-              f"{'+' + str(result.get('epochs_run', '')) if finetune else ''}  "
+              f"val AUC {_f(result['val']['auc'])}  {how}  "
               f"{(time.monotonic() - t0) / 60:.1f} min (prepare {t_prep:.0f}s)", flush=True)
 
     done = ~np.isnan(oof_p)

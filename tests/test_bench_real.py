@@ -120,6 +120,9 @@ def test_search_mode_runs_the_grid_and_the_top_k_ensemble_per_fold(
         trials = optuna.load_study(study_name="tiny", storage=f"sqlite:///{fold / 'optuna.db'}").trials
         assert sorted(t.params["train.lr"] for t in trials) == [1e-3, 3e-3]  # the grid, each point once
     assert first[-1].startswith("cv_auc=")
+    fold_lines = [line for line in first if line.startswith("fold ")]
+    assert len(fold_lines) == 2 and all("trials: 2 complete; final: 2 fine-tuned models" in line
+                                        for line in fold_lines)
     # Finished folds are reused, not searched again: the same pooled figures from the same files.
     assert bench.main(argv) == 0
     again = capsys.readouterr().out.strip().splitlines()
