@@ -331,7 +331,8 @@ def _callbacks(workdir: Path, cfg: Config, owner: RunOwner, val_ds: tf.data.Data
     """The callbacks of ``fit``, in the order their ``on_epoch_end`` must run.
 
     The owner check first (nothing is written by a process that lost the run), the validation
-    metrics next (everything after reads them), the caller's callbacks (the search's pruning
+    metrics next (everything after reads them), then the chance-level check (a restart it asks
+    for comes before anything of the epoch is written), the caller's callbacks (the search's pruning
     report) after every other writer and before :class:`Checkpoints`, which commits the epoch:
     a kill or an exception anywhere before the commit re-runs the whole epoch on resume, so no
     reported value is lost and ``history.csv`` is trimmed back to the committed epochs.
