@@ -127,13 +127,15 @@ class PruneBeforeLastEpoch(keras.callbacks.Callback):
     A run restarted from new weights (``train.chance_restarts``) runs its first epochs again:
     Optuna keeps the first value reported at a step (it ignores, with a warning, a second one),
     so those epochs are neither reported nor judged again; the trial's curve shows the abandoned
-    start up to the restart and the new start after it.
+    start up to the restart and the new start after it, and its ``restarts`` user attribute
+    counts the restarts.
     """
 
     def __init__(self, trial: optuna.Trial, epochs: int, monitor: str = MONITOR) -> None:
         super().__init__()
         self.trial, self.epochs, self.monitor = trial, epochs, monitor
         self.reported = 0  # the last step reported by this process
+        self.restarts = 0
 
     def on_epoch_end(self, epoch: int, logs: dict[str, float] | None = None) -> None:
         value = (logs or {}).get(self.monitor)
@@ -143,6 +145,9 @@ class PruneBeforeLastEpoch(keras.callbacks.Callback):
             return
         step = epoch + 1
         if step <= self.reported:
+            if step == 1:  # the dashboard shows that the trial's curve has two starts
+                self.restarts += 1
+                self.trial.set_user_attr("restarts", self.restarts)
             return
         self.reported = step
         self.trial.report(float(value), step=step)

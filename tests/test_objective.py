@@ -50,6 +50,7 @@ def test_epochs_run_again_after_a_restart_are_not_reported_twice(recwarn: pytest
         report.on_epoch_end(epoch, {"val_auc": auc})
     frozen = study.trials[0]
     assert frozen.intermediate_values == {1: 0.50, 2: 0.51, 3: 0.74}
+    assert frozen.user_attrs["restarts"] == 1
     assert not [w for w in recwarn if "already reported" in str(w.message)]
 
 
