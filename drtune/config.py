@@ -53,6 +53,9 @@ class ModelConfig:
     blocks_per_stage: int = 1
     dropout: float = 0.0  # before the classifier
     l2: float = 0.0  # weight decay on conv/dense kernels
+    # Start each residual branch's last conv at zero, so every block starts as its shortcut
+    # (Goyal et al. 2017's "zero gamma", for pre-activation blocks): see drtune/model.py.
+    zero_init_residual: bool = False
 
 
 @dataclass(frozen=True)

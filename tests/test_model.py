@@ -38,6 +38,25 @@ def test_parametrised_variants() -> None:
     np.testing.assert_allclose(probs.sum(axis=1), 1.0, rtol=1e-5)
 
 
+def test_zero_init_residual_starts_every_block_as_its_shortcut_and_trains_the_branch() -> None:
+    from drtune.model import compile_model
+
+    cfg = ModelConfig(width=4, blocks_per_stage=2, zero_init_residual=True)
+    model = build_model(cfg, input_size=32)
+    conv2 = [layer for layer in model.layers if layer.name.endswith("_conv2")]
+    assert len(conv2) == 6 and all(not np.any(layer.kernel.numpy()) for layer in conv2)
+    assert np.any(model.get_layer("stage1_block1_conv1").kernel.numpy())  # only the branch ends
+    # An identity block (second of its stage) passes its input through unchanged at the start.
+    probe = __import__("keras").Model(model.inputs, [model.get_layer("stage1_block1_add").output,
+                                                     model.get_layer("stage1_block2_add").output])
+    x = np.random.default_rng(0).uniform(0, 255, (2, 32, 32, 3)).astype("float32")
+    before, after = probe.predict(x, verbose=0)
+    np.testing.assert_array_equal(before, after)
+    compile_model(model, 1e-2).fit(x, np.array([0, 1]), epochs=1, verbose=0)
+    assert all(np.any(layer.kernel.numpy()) for layer in conv2)  # the branches do learn
+    assert np.any(build_model(ModelConfig(width=4), 32).get_layer("stage1_block1_conv2").kernel.numpy())
+
+
 @pytest.mark.slow
 def test_narrow_model_trains_at_full_size_without_crashing() -> None:
     """Regression: TF 2.21's oneDNN strided 1x1 conv corrupted the heap below 16 channels."""
