@@ -76,7 +76,7 @@ class TrainConfig:
     schedule: str = "constant"  # constant | cosine (decay to 0 over train.epochs)
     warmup_epochs: int = 0  # linear warm-up from 0 to train.lr before the schedule
     label_smoothing: float = 0.0  # targets 1 - e/2 and e/2 instead of 1 and 0
-    # A run still at chance level (training loss ~ ln 2, validation AUC < 0.6) at epoch
+    # A run still at chance level (training loss > ln 2 - 0.01, validation AUC < 0.6) at epoch
     # chance_check_epoch (0: never checked) is restarted from new random weights up to this
     # many times (0: a warning only); see drtune.callbacks.ChanceLevel. Not in fine-tuning.
     chance_restarts: int = 0

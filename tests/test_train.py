@@ -369,6 +369,7 @@ def test_chance_level_criterion_takes_out_the_l2_penalty() -> None:
         2, kernel_regularizer=keras.regularizers.L2(0.5), kernel_initializer="ones")])
     check.set_model(model)  # penalty 0.5 * 4 = 2.0 in Keras' "loss"
     assert check.stuck({"loss": 2.0 + 0.6935, "val_auc": 0.52})
+    assert check.stuck({"loss": 2.0 + 0.708, "val_auc": 0.55})  # above ln 2 is not learning either
     assert not check.stuck({"loss": 2.0 + 0.60, "val_auc": 0.52})  # learning
     assert not check.stuck({"loss": 2.0 + 0.6935, "val_auc": 0.75})  # validation says it learns
     assert not check.stuck({"loss": 2.0 + 0.6935, "val_auc": float("nan")})  # one-class split: no verdict
