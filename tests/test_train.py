@@ -377,7 +377,9 @@ def test_chance_level_criterion_takes_out_the_l2_penalty() -> None:
 
 @pytest.mark.slow
 def test_run_stuck_at_chance_restarts_from_new_weights(prepared: Path, tmp_path: Path) -> None:
-    cfg = tiny("train.epochs=4", "train.chance_check_epoch=2", "train.chance_restarts=2",
+    # One restart allowed: a tiny model has not learned much by epoch 2 either, so a second
+    # check of the restarted start would be a coin toss (the criterion has its own test above).
+    cfg = tiny("train.epochs=4", "train.chance_check_epoch=2", "train.chance_restarts=1",
                "train.checkpoint_every=1")
     run = tmp_path / "run"
     hold = HoldAtChance(first_only=True)
