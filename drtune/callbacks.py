@@ -249,19 +249,38 @@ def seconds_per_epoch(durations: Sequence[float]) -> float | None:
     return float(np.mean(steady)) if steady else None
 
 
-class EpochLog(keras.callbacks.Callback):
-    """One absl log line per epoch, and the seconds each epoch took (see :func:`seconds_per_epoch`)."""
+class EpochTimer(keras.callbacks.Callback):
+    """``seconds``: how long each epoch run in this process took, from its start to the
+    subclass's :meth:`lap` in ``on_epoch_end`` (what :func:`seconds_per_epoch` averages).
 
-    def __init__(self, epochs: int) -> None:
+    Both the run's log (:class:`EpochLog`) and the search's trial attributes time epochs; each
+    is its own callback at its own place in the order, so each laps where it stands.
+    """
+
+    def __init__(self) -> None:
         super().__init__()
-        self.epochs, self.seconds, self._t0 = epochs, [], 0.0
+        self.seconds: list[float] = []
+        self._t0 = 0.0
 
     def on_epoch_begin(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
         self._t0 = time.monotonic()
 
+    def lap(self) -> float:
+        """Record the epoch's duration so far; returns it."""
+        self.seconds.append(time.monotonic() - self._t0)
+        return self.seconds[-1]
+
+
+class EpochLog(EpochTimer):
+    """One absl log line per epoch, and the seconds each epoch took (see :func:`seconds_per_epoch`)."""
+
+    def __init__(self, epochs: int) -> None:
+        super().__init__()
+        self.epochs = epochs
+
     def on_epoch_end(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
         logs = logs or {}
-        self.seconds.append(time.monotonic() - self._t0)
+        self.lap()
         logging.info("epoch %d/%d  loss %.4f  acc %.3f  val_loss %.4f  val_bacc %.3f  val_auc %.3f  (%.1fs)",
                      epoch + 1, self.epochs, logs.get("loss", math.nan), logs.get("accuracy", math.nan),
                      logs.get("val_loss", math.nan), logs.get(MONITOR, math.nan),

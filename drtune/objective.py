@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import os
 import socket
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -33,7 +32,7 @@ from drtune import config as config_lib
 from drtune import devices, metrics, runs
 # train is used as a module (train.train_and_evaluate) so that tests can replace its functions.
 from drtune import train
-from drtune.callbacks import MONITOR
+from drtune.callbacks import MONITOR, EpochTimer
 from drtune.config import Config
 from drtune.grid import TrialTakenOver, check_duplicate
 from drtune.study import no_space, upload
@@ -93,23 +92,20 @@ def _recorded_as_categorical(trial: optuna.Trial, key: str) -> bool:
 # --------------------------------------------------------------------------- Keras callbacks
 
 
-class TrialAttrs(keras.callbacks.Callback):
+class TrialAttrs(EpochTimer):
     """Records progress on the trial each epoch, so pruned trials keep it: ``epochs_run``
     (epochs counted from 1), ``seconds_per_epoch`` (as :func:`drtune.train.seconds_per_epoch`
     defines it, over the epochs run so far in this process) and ``val_auc``."""
 
     def __init__(self, trial: optuna.Trial) -> None:
         super().__init__()
-        self.trial, self.durations, self.t0 = trial, [], 0.0
-
-    def on_epoch_begin(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
-        self.t0 = time.monotonic()
+        self.trial = trial
 
     def on_epoch_end(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
         logs = logs or {}
-        self.durations.append(time.monotonic() - self.t0)
+        self.lap()
         self.trial.set_user_attr("epochs_run", epoch + 1)
-        self.trial.set_user_attr("seconds_per_epoch", round(train.seconds_per_epoch(self.durations) or 0.0, 3))
+        self.trial.set_user_attr("seconds_per_epoch", round(train.seconds_per_epoch(self.seconds) or 0.0, 3))
         auc = logs.get("val_auc")
         if auc is not None and auc == auc:  # NaN when one class is missing
             self.trial.set_user_attr("val_auc", float(auc))
