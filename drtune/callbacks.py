@@ -287,6 +287,21 @@ class EpochLog(EpochTimer):
                      logs.get("val_auc", math.nan), self.seconds[-1])
 
 
+class EMAWeights(keras.callbacks.SwapEMAWeights):
+    """Keras' ``SwapEMAWeights(swap_on_epoch=True)`` (``train.ema``), resumable.
+
+    At each epoch's end the optimizer's moving average of the weights goes into the model, so
+    the callbacks after it validate, keep (``model.keras``) and checkpoint the averaged model; the
+    optimizer then holds the raw weights, which training continues from after the swap back at
+    the next epoch's beginning. A checkpoint is therefore written swapped: ``resumed`` says that a
+    run continuing from one must swap back before its first epoch too.
+    """
+
+    def __init__(self, resumed: bool = False) -> None:
+        super().__init__(swap_on_epoch=True)
+        self._ema_weights_in_model = resumed
+
+
 class BestModel(keras.callbacks.Callback):
     """``model.keras``: the model of the best epoch by ``monitor``, replaced atomically.
 

@@ -76,6 +76,9 @@ class TrainConfig:
     schedule: str = "constant"  # constant | cosine (decay to 0 over train.epochs)
     warmup_epochs: int = 0  # linear warm-up from 0 to train.lr before the schedule
     label_smoothing: float = 0.0  # targets 1 - e/2 and e/2 instead of 1 and 0
+    # Polyak averaging: validate, keep and checkpoint an exponential moving average of the
+    # weights with this momentum per step (0: off; 0.99 averages over ~100 steps).
+    ema: float = 0.0
     # A run still at chance level (training loss > ln 2 - 0.01, validation AUC < 0.6) at epoch
     # chance_check_epoch (0: never checked) is restarted from new random weights up to this
     # many times (0: a warning only); see drtune.callbacks.ChanceLevel. Not in fine-tuning.
@@ -183,6 +186,7 @@ _RULES: tuple[tuple[str, typing.Callable[[Any], bool], str], ...] = (
     ("train.schedule", lambda v: v in SCHEDULES, f"must be one of {', '.join(SCHEDULES)}"),
     ("train.warmup_epochs", lambda v: v >= 0, "must be >= 0"),
     ("train.label_smoothing", lambda v: 0.0 <= v < 0.5, "must be in [0, 0.5)"),
+    ("train.ema", lambda v: 0.0 <= v < 1.0, "must be in [0, 1)"),
     ("train.chance_restarts", lambda v: v >= 0, "must be >= 0"),
     ("train.chance_check_epoch", lambda v: v >= 0, "must be >= 0 (0: off)"),
     ("train.tta", lambda v: v in TTA_MODES, f"must be one of {', '.join(TTA_MODES)}"),

@@ -177,7 +177,8 @@ def compile_model(model: keras.Model, lr: float, train: TrainConfig | None = Non
     """Adam + sparse categorical cross-entropy, as in the original project, by default.
 
     ``train`` adds what the real-data study uses: AdamW's decoupled weight decay, a warm-up +
-    cosine schedule (``steps_per_epoch`` converts its epochs to steps) and label smoothing.
+    cosine schedule (``steps_per_epoch`` converts its epochs to steps), label smoothing and an
+    exponential moving average of the weights (``train.ema``).
     ``precision`` ``mixed_float16`` scales the loss dynamically (Keras' LossScaleOptimizer) so
     that small float16 gradients do not underflow; bfloat16 has float32's range and needs none.
     ``jit_compile`` "auto" is Keras' rule: XLA on a GPU, not on a CPU-only machine (where it
@@ -185,11 +186,13 @@ def compile_model(model: keras.Model, lr: float, train: TrainConfig | None = Non
     """
     train = train or TrainConfig(lr=lr)
     rate = learning_rate(train, lr, steps_per_epoch)
+    # train.ema: the optimizer keeps the moving average; callbacks.EMAWeights swaps it in.
+    ema = dict(use_ema=True, ema_momentum=train.ema) if train.ema else {}
     if train.optimizer == "adamw":
         optimizer: keras.optimizers.Optimizer = keras.optimizers.AdamW(learning_rate=rate,
-                                                                       weight_decay=train.weight_decay)
+                                                                       weight_decay=train.weight_decay, **ema)
     else:
-        optimizer = keras.optimizers.Adam(learning_rate=rate)
+        optimizer = keras.optimizers.Adam(learning_rate=rate, **ema)
     if precision == "mixed_float16":
         # Explicit, not compile's auto_scale_loss: that looks at the model's own policy, which a
         # functional model reloaded from a checkpoint does not keep (its layers do).

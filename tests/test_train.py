@@ -410,3 +410,28 @@ def test_run_still_stuck_after_its_restarts_finishes_with_a_warning(prepared: Pa
     messages = [r.getMessage() for r in caplog.records]
     assert any("restart 1 of 1" in m for m in messages)
     assert any("has not left chance level after 2 epochs" in m and "unlikely to learn" in m for m in messages)
+
+
+def test_weight_averaging_validates_the_average_and_trains_the_raw_weights(prepared: Path,
+                                                                           tmp_path: Path) -> None:
+    # train.ema swaps the moving average in at each epoch's end and back at the next epoch's
+    # beginning: training itself must be untouched (the same training losses as without it, also
+    # across a resume from a checkpoint written swapped), while validation sees other weights.
+    plain = tmp_path / "plain"
+    train_and_evaluate(tiny("train.epochs=6"), prepared, plain)
+    cfg = tiny("train.epochs=6", "train.ema=0.9")
+    run = tmp_path / "ema"
+    with pytest.raises(Interrupted):
+        train_and_evaluate(cfg, prepared, run, callbacks=[Reporter(die_at=3)])
+    assert epochs_done(run) == 3
+    result = train_and_evaluate(cfg, prepared, run)
+    assert result["epochs_run"] == 6
+    np.testing.assert_allclose(curves(run)[:, 0], curves(plain)[:, 0], rtol=1e-4)
+    assert np.abs(curves(run)[:, 1] - curves(plain)[:, 1]).max() > 1e-3
+    # What the run keeps is the averaged model it validated: its validation loss at the best epoch.
+    best = next(r for r in history(run) if int(r["epoch"]) == result["best_epoch"])
+    model = keras.models.load_model(run / "model.keras")
+    x, y = zip(*((xb, yb) for xb, yb in train.data.eval_dataset(prepared, "val", 16, image_size=32)))
+    probs = model.predict(np.concatenate(x), verbose=0)
+    picked = probs[np.arange(len(probs)), np.concatenate(y)]
+    assert float(-np.mean(np.log(np.clip(picked, 1e-7, 1.0)))) == pytest.approx(float(best["val_loss"]), rel=1e-4)
