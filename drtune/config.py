@@ -79,6 +79,9 @@ class TrainConfig:
     # Polyak averaging: validate, keep and checkpoint an exponential moving average of the
     # weights with this momentum per step (0: off; 0.99 averages over ~100 steps).
     ema: float = 0.0
+    # Soft targets at the referral boundary: the grade below it (ICDR 1) is trained towards
+    # P(RDR) = borderline and the referral grade (2) towards 1 - borderline (0: hard labels).
+    borderline: float = 0.0
     # A run still at chance level (training loss > ln 2 - 0.01, validation AUC < 0.6) at epoch
     # chance_check_epoch (0: never checked) is restarted from new random weights up to this
     # many times (0: a warning only); see drtune.callbacks.ChanceLevel. Not in fine-tuning.
@@ -187,6 +190,7 @@ _RULES: tuple[tuple[str, typing.Callable[[Any], bool], str], ...] = (
     ("train.warmup_epochs", lambda v: v >= 0, "must be >= 0"),
     ("train.label_smoothing", lambda v: 0.0 <= v < 0.5, "must be in [0, 0.5)"),
     ("train.ema", lambda v: 0.0 <= v < 1.0, "must be in [0, 1)"),
+    ("train.borderline", lambda v: 0.0 <= v < 0.5, "must be in [0, 0.5)"),
     ("train.chance_restarts", lambda v: v >= 0, "must be >= 0"),
     ("train.chance_check_epoch", lambda v: v >= 0, "must be >= 0 (0: off)"),
     ("train.tta", lambda v: v in TTA_MODES, f"must be one of {', '.join(TTA_MODES)}"),

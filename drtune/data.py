@@ -42,6 +42,9 @@ _FEATURES = {
     "label": tf.io.FixedLenFeature([], tf.int64),
     "name": tf.io.FixedLenFeature([], tf.string),
 }
+# Features read beside the images (and by the training pipeline for soft targets only). A
+# record without a grade (written by hand, not by `prepare`) reads -1 rather than failing.
+_SIDE_FEATURES = {"grade": tf.io.FixedLenFeature([], tf.int64, default_value=-1)}
 
 
 def augment_params(level: str) -> dict[str, Any]:
@@ -247,18 +250,45 @@ def decode_image(jpeg: tf.Tensor | bytes, size: int, out: int | None = None) -> 
     return img
 
 
-def _decoded(ds: tf.data.Dataset, size: int, image_size: int | None, n: int, cache: bool,
-             what: str) -> tuple[tf.data.Dataset, int]:
-    """Parsed examples -> (uint8 image [S,S,3], int32 label), resized and cached if it fits.
+def _label(ex: dict) -> tf.Tensor:
+    return tf.cast(ex["label"], tf.int32)
 
-    Also returns a shuffle buffer size: the whole set when cached (the buffer then holds
-    references to cached tensors), else a bounded one. Resizing happens before the cache, so
-    the (deterministic) resize runs once per image rather than once per epoch.
+
+def borderline_targets(borderline: float, rdr_grade: int = 2) -> tf.Tensor:
+    """float32 [5, 2] training targets (P(NRDR), P(RDR)) of ICDR grades 0-4.
+
+    The grade just below the referral grade gets P(RDR) = ``borderline`` and the referral grade
+    itself 1 - ``borderline``; every other grade keeps its hard label. Grades 1 and 2 are where
+    graders disagree most, and a mild eye's microaneurysms are the first sign of what makes an
+    eye referable: soft targets there tell the network so, instead of asking it for certainty.
+    """
+    p_rdr = [float(g >= rdr_grade) for g in range(5)]
+    p_rdr[rdr_grade - 1], p_rdr[rdr_grade] = borderline, 1.0 - borderline
+    return tf.constant([[1.0 - p, p] for p in p_rdr], tf.float32)
+
+
+def _target(table: tf.Tensor) -> Any:
+    """Parsed example -> its row of :func:`borderline_targets` (a record without grade: its label)."""
+    def target(ex: dict) -> tf.Tensor:
+        hard = tf.one_hot(tf.cast(ex["label"], tf.int32), 2)
+        soft = tf.gather(table, tf.clip_by_value(tf.cast(ex["grade"], tf.int32), 0, 4))
+        return tf.where(ex["grade"] >= 0, soft, hard)
+    return target
+
+
+def _decoded(ds: tf.data.Dataset, size: int, image_size: int | None, n: int, cache: bool,
+             what: str, target: Any = _label) -> tuple[tf.data.Dataset, int]:
+    """Parsed examples -> (uint8 image [S,S,3], ``target(example)``), resized and cached if it fits.
+
+    ``target`` is the int32 label by default (soft targets: :func:`_target`). Also returns a
+    shuffle buffer size: the whole set when cached (the buffer then holds references to cached
+    tensors), else a bounded one. Resizing happens before the cache, so the (deterministic)
+    resize runs once per image rather than once per epoch.
     """
     out = image_size or size
 
     def decode(ex: dict) -> tuple[tf.Tensor, tf.Tensor]:
-        return decode_image(ex["image"], size, out), tf.cast(ex["label"], tf.int32)
+        return decode_image(ex["image"], size, out), target(ex)
 
     ds = ds.map(decode, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     need, budget = n * out * out * 3, _cache_budget()
@@ -285,8 +315,12 @@ def train_dataset(
     meta: dict | None = None,
     steps_per_epoch: int = 0,
     initial_epoch: int = 0,
+    borderline: float = 0.0,
 ) -> tuple[tf.data.Dataset, int]:
     """Infinite (repeat) dataset of (float32 images 0..255 [B,S,S,3], int32 labels [B]) and steps_per_epoch.
+
+    ``borderline`` > 0: the targets are float32 [B, 2] class probabilities instead, soft for the
+    grades either side of the referral grade (:func:`borderline_targets`).
 
     ``balance``: draw NRDR and RDR with probability 0.5 each (the minority class is oversampled
     at read time); an epoch is then ceil(2 * majority / batch_size) steps, i.e. the majority
@@ -307,7 +341,13 @@ def train_dataset(
         raise InputError(f"steps per epoch {steps_per_epoch}, initial epoch {initial_epoch}: must be >= 0")
     data_dir = Path(data_dir)
     entry, size, files = _split_meta(data_dir, TRAIN, meta)
-    parsed = _records(files).map(_parse, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    if borderline:
+        table = borderline_targets(borderline, int((meta or load_meta(data_dir)).get("rdr_grade", 2)))
+        spec, target = {**_FEATURES, **_SIDE_FEATURES}, _target(table)
+    else:
+        spec, target = _FEATURES, _label
+    parsed = _records(files).map(lambda raw: tf.io.parse_single_example(raw, spec),
+                                 num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     if balance:
         counts = [int(entry[name.lower()]) for name in CLASS_NAMES]  # meta.json's nrdr, rdr
         for label, count in enumerate(counts):
@@ -319,12 +359,12 @@ def train_dataset(
             # Filter on the parsed label before decoding, so each JPEG is decoded once and each
             # class keeps its own cache (and a shuffle buffer as large as the class).
             ds = parsed.filter(lambda ex, lab=label: tf.equal(ex["label"], lab))
-            ds, buffer = _decoded(ds, size, image_size, count, cache, f"{data_dir}:{TRAIN}[{label}]")
+            ds, buffer = _decoded(ds, size, image_size, count, cache, f"{data_dir}:{TRAIN}[{label}]", target)
             branches.append(ds.shuffle(buffer, seed=seed + 1 + label).repeat())
         ds = tf.data.Dataset.sample_from_datasets(branches, weights=[0.5, 0.5], seed=seed)
         steps = math.ceil(2 * max(counts) / batch_size)
     else:
-        ds, buffer = _decoded(parsed, size, image_size, entry["n"], cache, f"{data_dir}:{TRAIN}")
+        ds, buffer = _decoded(parsed, size, image_size, entry["n"], cache, f"{data_dir}:{TRAIN}", target)
         ds = ds.shuffle(buffer, seed=seed + 1).repeat()
         steps = math.ceil(entry["n"] / batch_size)
     steps = steps_per_epoch or steps
@@ -392,9 +432,6 @@ def split_names(data_dir: Path | str, split: str, meta: dict | None = None) -> l
     return [n.decode("utf-8") for chunk in _field(data_dir, split, meta, "name") for n in chunk]
 
 
-# Features read only beside the images (not by the training pipeline). A record without a
-# grade (written by hand, not by `prepare`) reads -1 rather than failing the whole split.
-_SIDE_FEATURES = {"grade": tf.io.FixedLenFeature([], tf.int64, default_value=-1)}
 
 
 def split_grades(data_dir: Path | str, split: str, meta: dict | None = None) -> np.ndarray:

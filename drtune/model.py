@@ -177,8 +177,9 @@ def compile_model(model: keras.Model, lr: float, train: TrainConfig | None = Non
     """Adam + sparse categorical cross-entropy, as in the original project, by default.
 
     ``train`` adds what the real-data study uses: AdamW's decoupled weight decay, a warm-up +
-    cosine schedule (``steps_per_epoch`` converts its epochs to steps), label smoothing and an
-    exponential moving average of the weights (``train.ema``).
+    cosine schedule (``steps_per_epoch`` converts its epochs to steps), label smoothing, soft
+    targets at the referral boundary (``train.borderline``) and an exponential moving average of
+    the weights (``train.ema``).
     ``precision`` ``mixed_float16`` scales the loss dynamically (Keras' LossScaleOptimizer) so
     that small float16 gradients do not underflow; bfloat16 has float32's range and needs none.
     ``jit_compile`` "auto" is Keras' rule: XLA on a GPU, not on a CPU-only machine (where it
@@ -197,8 +198,15 @@ def compile_model(model: keras.Model, lr: float, train: TrainConfig | None = Non
         # Explicit, not compile's auto_scale_loss: that looks at the model's own policy, which a
         # functional model reloaded from a checkpoint does not keep (its layers do).
         optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
-    loss = (SmoothedSparseCrossentropy(train.label_smoothing) if train.label_smoothing
-            else keras.losses.SparseCategoricalCrossentropy())
+    if train.borderline:
+        # The pipeline's targets are class probabilities then (drtune.data.borderline_targets),
+        # each on its hard label's side of 0.5, so arg-max accuracy still counts the labels.
+        loss: keras.losses.Loss = keras.losses.CategoricalCrossentropy(label_smoothing=train.label_smoothing)
+        accuracy: keras.metrics.Metric = keras.metrics.CategoricalAccuracy(name="accuracy")
+    else:
+        loss = (SmoothedSparseCrossentropy(train.label_smoothing) if train.label_smoothing
+                else keras.losses.SparseCategoricalCrossentropy())
+        accuracy = keras.metrics.SparseCategoricalAccuracy(name="accuracy")
     model.compile(optimizer=optimizer, loss=loss, jit_compile=jit_compile, auto_scale_loss=False,
-                  metrics=[keras.metrics.SparseCategoricalAccuracy(name="accuracy")])
+                  metrics=[accuracy])
     return model

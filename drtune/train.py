@@ -283,7 +283,8 @@ def _datasets(cfg: Config, data_dir: Path, meta: dict[str, Any],
                                          balance=cfg.data.balance, cache=cfg.data.cache,
                                          image_size=image_size, meta=meta,
                                          steps_per_epoch=cfg.train.steps_per_epoch,
-                                         initial_epoch=min(epochs_done, cfg.train.epochs))
+                                         initial_epoch=min(epochs_done, cfg.train.epochs),
+                                         borderline=cfg.train.borderline)
     val_ds = data.eval_dataset(data_dir, "val", cfg.train.eval_batch_size, cache=cfg.data.cache,
                                image_size=image_size, meta=meta)
     y_val = data.split_labels(data_dir, "val", meta)

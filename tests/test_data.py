@@ -191,6 +191,37 @@ def test_training_batches_shape_dtype_and_labels_match_images(imbalanced: Path) 
     np.testing.assert_array_equal((x.numpy()[:, 16, 16, 0] > 120).astype(int), y.numpy())
 
 
+def test_borderline_targets_are_soft_next_to_the_referral_grade(tmp_path: Path) -> None:
+    # Flat images whose grey level encodes the grade (20 + 40 * grade) or, for a record without
+    # one (-1, written by hand), its label (230 NRDR, 250 RDR): each target must be its grade's
+    # row of the table, and an ungraded record's target its hard label.
+    root = tmp_path / "data"
+    root.mkdir()
+    grades = [0, 0, 1, 1, -1, 2, 2, 3, 4, -1]
+    labels = [0, 0, 0, 0, 0, 1, 1, 1, 1, 1]
+    grey = [230 + 20 * lab if g < 0 else 20 + 40 * g for g, lab in zip(grades, labels)]
+    examples = [(encode_jpeg(np.full((32, 32, 3), v, np.uint8), 95), lab, g, f"img_{i}")
+                for i, (v, g, lab) in enumerate(zip(grey, grades, labels))]
+    files = write_shards(root, "train", examples, shard_size=4)
+    (root / "meta.json").write_text(json.dumps({"size": 32, "rdr_grade": 2, "splits": {
+        "train": {"n": 10, "nrdr": 5, "rdr": 5, "files": files, "names": [e[3] for e in examples]}}}))
+    table = data.borderline_targets(0.2).numpy()
+    np.testing.assert_allclose(table[:, 1], [0.0, 0.2, 0.8, 1.0, 1.0])
+    np.testing.assert_allclose(table.sum(axis=1), 1.0)
+    expected = {v: (np.eye(2)[lab] if g < 0 else table[g]) for v, g, lab in zip(grey, grades, labels)}
+    ds, _ = data.train_dataset(root, 5, augment_level="none", seed=0, borderline=0.2)
+    seen = set()
+    for x, y in ds.take(20):
+        assert y.dtype == tf.float32 and y.shape == (5, 2)
+        for value, target in zip(x.numpy()[:, 16, 16, 0], y.numpy()):
+            level = min(expected, key=lambda v: abs(v - value))
+            np.testing.assert_allclose(target, expected[level], err_msg=f"grey {value}")
+            seen.add(level)
+    assert seen == set(grey)
+    # Another referral grade moves the soft pair with it.
+    np.testing.assert_allclose(data.borderline_targets(0.3, rdr_grade=3).numpy()[:, 1], [0, 0, 0.3, 0.7, 1])
+
+
 def test_training_is_repeatable_per_seed(prepared: Path) -> None:
     def first(seed: int) -> np.ndarray:
         ds, _ = data.train_dataset(prepared, 4, augment_level="base", seed=seed)

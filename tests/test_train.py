@@ -435,3 +435,18 @@ def test_weight_averaging_validates_the_average_and_trains_the_raw_weights(prepa
     probs = model.predict(np.concatenate(x), verbose=0)
     picked = probs[np.arange(len(probs)), np.concatenate(y)]
     assert float(-np.mean(np.log(np.clip(picked, 1e-7, 1.0)))) == pytest.approx(float(best["val_loss"]), rel=1e-4)
+
+
+def test_borderline_targets_train_and_resume(prepared: Path, tmp_path: Path) -> None:
+    # Soft targets change the loss to categorical cross-entropy on class probabilities: a run
+    # resumes from its checkpoint with it, and its training loss is not the hard-label run's.
+    cfg = tiny("train.epochs=3", "train.borderline=0.25")
+    run = tmp_path / "soft"
+    with pytest.raises(Interrupted):
+        train_and_evaluate(cfg, prepared, run, callbacks=[Reporter(die_at=1)])
+    result = train_and_evaluate(cfg, prepared, run)
+    assert result["epochs_run"] == 3 and epochs_done(run) == 3
+    train_and_evaluate(tiny("train.epochs=3"), prepared, tmp_path / "hard")
+    soft, hard = curves(run)[:, 0], curves(tmp_path / "hard")[:, 0]
+    assert np.all(np.isfinite(soft)) and np.abs(soft - hard).max() > 1e-4
+    assert all(0.0 <= float(r["accuracy"]) <= 1.0 for r in history(run))
