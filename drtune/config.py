@@ -82,6 +82,9 @@ class TrainConfig:
     # Soft targets at the referral boundary: the grade below it (ICDR 1) is trained towards
     # P(RDR) = borderline and the referral grade (2) towards 1 - borderline (0: hard labels).
     borderline: float = 0.0
+    # Balance the classes by weighting each class's loss by n / (2 n_class) of the training
+    # split (Keras' class_weight) instead of oversampling; needs data.balance = false.
+    class_weights: bool = False
     # A run still at chance level (training loss > ln 2 - 0.01, validation AUC < 0.6) at epoch
     # chance_check_epoch (0: never checked) is restarted from new random weights up to this
     # many times (0: a warning only); see drtune.callbacks.ChanceLevel. Not in fine-tuning.
@@ -296,6 +299,9 @@ def validate(cfg: Config, source: str = "config") -> Config:
     if cfg.search.grace_period <= cfg.search.heartbeat_interval:
         raise InputError(f"{source}: search.grace_period = {cfg.search.grace_period!r}: must be "
                          f"longer than search.heartbeat_interval ({cfg.search.heartbeat_interval})")
+    if cfg.train.class_weights and cfg.data.balance:
+        raise InputError(f"{source}: train.class_weights = true: needs data.balance = false "
+                         "(oversampling already balances the classes; pick one of the two)")
     _validate_grid(cfg, source)
     _validate_space(cfg, source)
     return cfg

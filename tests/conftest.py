@@ -120,3 +120,32 @@ def check_grid_once(study: optuna.Study, points: list[float]) -> None:
     finished = [t.params["train.lr"] for t in study.trials
                 if t.state in (TrialState.COMPLETE, TrialState.PRUNED)]
     assert sorted(finished) == sorted(points)
+
+
+def make_data(root: Path, counts: dict[str, tuple[int, int]], size: int = 32) -> Path:
+    """A tiny prepared-data dir: per split (n NRDR, n RDR) flat grey images.
+
+    Grey level 10 + 2i for NRDR image i and 130 + 2j for RDR image j: it encodes both the label
+    (> 120) and which image it is, and flat JPEGs decode to within +-1.
+    """
+    import json
+
+    import numpy as np
+
+    from drtune.prepare import encode_jpeg, write_shards
+
+    root.mkdir(parents=True)
+    splits = {}
+    for split, (n0, n1) in counts.items():
+        examples = []
+        for i in range(n0 + n1):
+            label = int(i >= n0)
+            img = np.full((size, size, 3), 130 + 2 * (i - n0) if label else 10 + 2 * i, np.uint8)
+            examples.append((encode_jpeg(img, 95), label, 3 * label, f"{split}_{i:03d}"))
+        # interleave classes on disk as prepare does (it shuffles the training split)
+        examples = [examples[i] for i in np.random.default_rng(0).permutation(len(examples))]
+        files = write_shards(root, split, examples, shard_size=16)
+        splits[split] = {"n": n0 + n1, "nrdr": n0, "rdr": n1, "files": files,
+                         "names": [e[3] for e in examples]}
+    (root / "meta.json").write_text(json.dumps({"splits": splits, "size": size}))
+    return root

@@ -24,6 +24,8 @@ from drtune.config import load_config
 from drtune.errors import InputError
 from drtune.train import TrainingDiverged, train_and_evaluate
 
+from conftest import make_data
+
 TINY = ["model.width=4", "data.image_size=32", "train.batch_size=4", "train.steps_per_epoch=3",
         "train.eval_batch_size=16"]
 
@@ -450,3 +452,19 @@ def test_borderline_targets_train_and_resume(prepared: Path, tmp_path: Path) -> 
     soft, hard = curves(run)[:, 0], curves(tmp_path / "hard")[:, 0]
     assert np.all(np.isfinite(soft)) and np.abs(soft - hard).max() > 1e-4
     assert all(0.0 <= float(r["accuracy"]) <= 1.0 for r in history(run))
+
+
+def test_class_weights_instead_of_oversampling(tmp_path: Path) -> None:
+    # Keras' class_weight multiplies each image's loss: on an imbalanced split the weighted run's
+    # losses differ from the unweighted one's on the same stream; both balancings are refused.
+    with pytest.raises(InputError, match="data.balance = false"):
+        tiny("train.class_weights=true")
+    prepared = make_data(tmp_path / "data", {"train": (12, 4), "val": (3, 3), "test": (2, 2)})
+    meta = json.loads((prepared / "meta.json").read_text())
+    weights = train._class_weights(tiny("data.balance=false", "train.class_weights=true"), meta)
+    assert weights == pytest.approx({0: 16 / 24, 1: 16 / 8})  # n / (2 n_class): 12 x 2/3 = 4 x 2
+    weighted = train_and_evaluate(tiny("train.epochs=2", "data.balance=false", "train.class_weights=true"),
+                                  prepared, tmp_path / "weighted")
+    train_and_evaluate(tiny("train.epochs=2", "data.balance=false"), prepared, tmp_path / "plain")
+    assert weighted["epochs_run"] == 2
+    assert np.abs(curves(tmp_path / "weighted")[:, 0] - curves(tmp_path / "plain")[:, 0]).max() > 1e-3
