@@ -56,6 +56,10 @@ class ModelConfig:
     # Start each residual branch's last conv at zero, so every block starts as its shortcut
     # (Goyal et al. 2017's "zero gamma", for pre-activation blocks): see drtune/model.py.
     zero_init_residual: bool = False
+    # How the last feature map becomes one vector: avg (the original network), max, or avgmax
+    # (both, concatenated). A few small lesions are a small share of an average over the whole
+    # field, but they set its maximum.
+    pooling: str = "avg"
 
 
 @dataclass(frozen=True)
@@ -107,6 +111,7 @@ class TrainConfig:
     jit_compile: bool | str = "auto"
 
 
+POOLINGS: tuple[str, ...] = ("avg", "max", "avgmax")
 OPTIMIZERS: tuple[str, ...] = ("adam", "adamw")
 SCHEDULES: tuple[str, ...] = ("constant", "cosine")
 TTA_MODES: tuple[str, ...] = ("none", "flips", "dihedral")  # see drtune/tta.py
@@ -176,6 +181,7 @@ _RULES: tuple[tuple[str, typing.Callable[[Any], bool], str], ...] = (
     ("model.blocks_per_stage", lambda v: v >= 1, "must be >= 1"),
     ("model.dropout", lambda v: 0.0 <= v < 1.0, "must be in [0, 1)"),
     ("model.l2", lambda v: v >= 0.0, "must be >= 0"),
+    ("model.pooling", lambda v: v in POOLINGS, f"must be one of {', '.join(POOLINGS)}"),
     ("train.lr", lambda v: v > 0.0, "must be > 0"),
     ("train.batch_size", lambda v: v >= 1, "must be >= 1"),
     ("train.epochs", lambda v: v >= 1, "must be >= 1"),

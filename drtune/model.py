@@ -2,7 +2,7 @@
 
 7x7/2 conv, BN, ReLU, 3x3/2 max-pool, three stages of pre-activation residual blocks
 (BN-ReLU-conv3x3(stride 2)-BN-ReLU-conv3x3 with a 1x1 projection shortcut) at width x (1, 2, 4)
-channels, ReLU, global average pooling, dense 2 softmax. The model takes RGB pixel values in
+channels, ReLU, global average pooling (or max, or both: ``model.pooling``), dense 2 softmax. The model takes RGB pixel values in
 0..255 and rescales them itself, so every caller (training, evaluation, predict, Grad-CAM) feeds
 the same thing and none can forget the scaling.
 """
@@ -106,6 +106,16 @@ def as_float32(model: keras.Model) -> keras.Model:
     return clone
 
 
+def _pool(x: keras.KerasTensor, pooling: str) -> keras.KerasTensor:
+    """``model.pooling``: global average (the original), global max, or both side by side."""
+    if pooling == "avg":
+        return layers.GlobalAveragePooling2D(name="pool")(x)
+    if pooling == "max":
+        return layers.GlobalMaxPooling2D(name="pool")(x)
+    return layers.Concatenate(name="pool")([layers.GlobalAveragePooling2D(name="pool_avg")(x),
+                                            layers.GlobalMaxPooling2D(name="pool_max")(x)])
+
+
 def _build(cfg: ModelConfig, input_size: int) -> keras.Model:
     reg = keras.regularizers.L2(cfg.l2) if cfg.l2 > 0 else None
     inputs = keras.Input((input_size, input_size, 3), name="image")
@@ -119,7 +129,7 @@ def _build(cfg: ModelConfig, input_size: int) -> keras.Model:
             x = _block(x, cfg.width * mult, 2 if block == 0 else 1, cfg.l2, f"stage{stage}_block{block + 1}",
                        cfg.zero_init_residual)
     x = layers.ReLU(name=FEATURE_LAYER)(x)
-    x = layers.GlobalAveragePooling2D(name="pool")(x)
+    x = _pool(x, cfg.pooling)
     if cfg.dropout > 0:
         x = layers.Dropout(cfg.dropout, name="dropout")(x)
     outputs = layers.Dense(2, activation="softmax", kernel_regularizer=reg, name=OUTPUT_LAYER,

@@ -38,6 +38,20 @@ def test_parametrised_variants() -> None:
     np.testing.assert_allclose(probs.sum(axis=1), 1.0, rtol=1e-5)
 
 
+@pytest.mark.parametrize("pooling", ["avg", "max", "avgmax"])
+def test_pooling_is_the_mean_max_or_both_of_the_feature_map(pooling: str) -> None:
+    import keras
+
+    model = build_model(ModelConfig(width=4, pooling=pooling), input_size=32)
+    probe = keras.Model(model.inputs, [model.get_layer(FEATURE_LAYER).output, model.get_layer("pool").output])
+    x = np.random.default_rng(0).uniform(0, 255, (2, 32, 32, 3)).astype("float32")
+    features, pooled = probe.predict(x, verbose=0)
+    expected = {"avg": [features.mean(axis=(1, 2))], "max": [features.max(axis=(1, 2))],
+                "avgmax": [features.mean(axis=(1, 2)), features.max(axis=(1, 2))]}[pooling]
+    np.testing.assert_allclose(pooled, np.concatenate(expected, axis=1), rtol=1e-5, atol=1e-6)
+    assert model.get_layer("probs").kernel.shape == (16 * len(expected), 2)
+
+
 def test_zero_init_residual_starts_every_block_as_its_shortcut_and_trains_the_branch() -> None:
     from drtune.model import compile_model
 
