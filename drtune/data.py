@@ -432,8 +432,6 @@ def split_names(data_dir: Path | str, split: str, meta: dict | None = None) -> l
     return [n.decode("utf-8") for chunk in _field(data_dir, split, meta, "name") for n in chunk]
 
 
-
-
 def split_grades(data_dir: Path | str, split: str, meta: dict | None = None) -> np.ndarray:
     """int32 ICDR grades (0-4; -1 when a record has none) of ``split`` in :func:`eval_dataset` order."""
     return np.concatenate(_field(data_dir, split, meta, "grade")).astype(np.int32)

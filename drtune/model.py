@@ -2,9 +2,9 @@
 
 7x7/2 conv, BN, ReLU, 3x3/2 max-pool, three stages of pre-activation residual blocks
 (BN-ReLU-conv3x3(stride 2)-BN-ReLU-conv3x3 with a 1x1 projection shortcut) at width x (1, 2, 4)
-channels, ReLU, global average pooling (or max, or both: ``model.pooling``), dense 2 softmax. The model takes RGB pixel values in
-0..255 and rescales them itself, so every caller (training, evaluation, predict, Grad-CAM) feeds
-the same thing and none can forget the scaling.
+channels, ReLU, global average pooling (or max, or both: ``model.pooling``), dense 2 softmax.
+The model takes RGB pixel values in 0..255 and rescales them itself, so every caller (training,
+evaluation, predict, Grad-CAM) feeds the same thing and none can forget the scaling.
 """
 
 from __future__ import annotations
