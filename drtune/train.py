@@ -40,9 +40,9 @@ from drtune import data, devices, metrics, runs
 # The callbacks live in drtune.callbacks; the names other modules, scripts and tests import from
 # here (RunOwnershipLost, RunOwner, MONITOR, LAST, seconds_per_epoch) stay importable, and so does
 # write_json, whose home is drtune.runs.
-from drtune.callbacks import (LAST, MONITOR, STATE, BestModel, ChanceLevel, Checkpoints, CSVLogger, EMAWeights, EpochLog,
-                              ResumableEarlyStopping, RunOwner, RunOwnershipLost, StuckAtChance, TensorBoard,
-                              ValidationMetrics, seconds_per_epoch)
+from drtune.callbacks import (LAST, MONITOR, STATE, BestModel, ChanceLevel, Checkpoints, CSVLogger, EMAWeights,
+                              EpochLog, ResumableEarlyStopping, RunOwner, RunOwnershipLost, StuckAtChance,
+                              TensorBoard, ValidationMetrics, seconds_per_epoch)
 from drtune.config import Config
 from drtune.errors import DrtuneError, InputError
 from drtune.metrics import read_history
@@ -344,9 +344,10 @@ def _callbacks(workdir: Path, cfg: Config, owner: RunOwner, val_ds: tf.data.Data
     """The callbacks of ``fit``, in the order their ``on_epoch_end`` must run.
 
     The owner check first (nothing is written by a process that lost the run), the swap to the
-    averaged weights (``train.ema``), the validation metrics next (everything after reads them), then the chance-level check (a restart it asks
-    for comes before anything of the epoch is written), the caller's callbacks (the search's pruning
-    report) after every other writer and before :class:`Checkpoints`, which commits the epoch:
+    averaged weights (``train.ema``), the validation metrics next (everything after reads them),
+    then the chance-level check (a restart it asks for comes before anything of the epoch is
+    written), the caller's callbacks (the search's pruning report) after every other writer and
+    before :class:`Checkpoints`, which commits the epoch:
     a kill or an exception anywhere before the commit re-runs the whole epoch on resume, so no
     reported value is lost and ``history.csv`` is trimmed back to the committed epochs.
     """

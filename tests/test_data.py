@@ -13,9 +13,9 @@ import tensorflow as tf
 from drtune import data
 from drtune.errors import InputError
 from drtune.prepare import encode_jpeg, write_shards
+from drtune.runs import load_meta
 
 from conftest import make_data
-from drtune.runs import load_meta
 
 S = 64  # test image side
 
