@@ -304,6 +304,20 @@ def _parse(raw: tf.Tensor) -> dict:
     return tf.io.parse_single_example(raw, _FEATURES)
 
 
+def class_counts(data_dir: Path | str, meta: dict, why: str) -> list[int]:
+    """[NRDR, RDR] image counts of the training split (meta.json's ``nrdr``, ``rdr``).
+
+    Balancing needs both classes: a missing one is an InputError that names the data folder,
+    the class, and what could not be done (``why``).
+    """
+    entry = meta["splits"][TRAIN]
+    counts = [int(entry[name.lower()]) for name in CLASS_NAMES]
+    for label, count in enumerate(counts):
+        if count == 0:
+            raise InputError(f"{data_dir}: split {TRAIN!r} has no {CLASS_NAMES[label]} images; cannot {why}")
+    return counts
+
+
 def train_dataset(
     data_dir: Path | str,
     batch_size: int,
@@ -340,20 +354,17 @@ def train_dataset(
     if steps_per_epoch < 0 or initial_epoch < 0:
         raise InputError(f"steps per epoch {steps_per_epoch}, initial epoch {initial_epoch}: must be >= 0")
     data_dir = Path(data_dir)
+    meta = meta if meta is not None else load_meta(data_dir)
     entry, size, files = _split_meta(data_dir, TRAIN, meta)
     if borderline:
-        table = borderline_targets(borderline, int((meta or load_meta(data_dir)).get("rdr_grade", 2)))
+        table = borderline_targets(borderline, int(meta.get("rdr_grade", 2)))
         spec, target = {**_FEATURES, **_SIDE_FEATURES}, _target(table)
     else:
         spec, target = _FEATURES, _label
     parsed = _records(files).map(lambda raw: tf.io.parse_single_example(raw, spec),
                                  num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     if balance:
-        counts = [int(entry[name.lower()]) for name in CLASS_NAMES]  # meta.json's nrdr, rdr
-        for label, count in enumerate(counts):
-            if count == 0:
-                raise InputError(f"{data_dir}: split {TRAIN!r} has no {CLASS_NAMES[label]} "
-                                 "images; cannot balance classes (use balance=False)")
+        counts = class_counts(data_dir, meta, "balance classes (use balance=False)")
         branches = []
         for label, count in enumerate(counts):
             # Filter on the parsed label before decoding, so each JPEG is decoded once and each

@@ -234,19 +234,15 @@ def _fit(cfg: Config, workdir: Path, data_dir: Path, meta: dict[str, Any], owner
                  f" (restart {restarts})" if restarts else "")
     if epochs_done < cfg.train.epochs:
         model.fit(train_ds, epochs=cfg.train.epochs, initial_epoch=epochs_done, steps_per_epoch=steps,
-                  callbacks=cbs, verbose=0, shuffle=False, class_weight=_class_weights(cfg, meta))
+                  callbacks=cbs, verbose=0, shuffle=False, class_weight=_class_weights(cfg, data_dir, meta))
     return epoch_log, val_ds, y_val
 
 
-def _class_weights(cfg: Config, meta: dict[str, Any]) -> dict[int, float] | None:
+def _class_weights(cfg: Config, data_dir: Path, meta: dict[str, Any]) -> dict[int, float] | None:
     """``train.class_weights``: n / (2 n_class) per class, so both classes weigh half the loss."""
     if not cfg.train.class_weights:
         return None
-    entry = meta["splits"]["train"]
-    counts = [int(entry["nrdr"]), int(entry["rdr"])]
-    if min(counts) == 0:
-        raise InputError(f"{cfg.data.dir}: the training split has no "
-                         f"{('NRDR', 'RDR')[counts.index(0)]} images; cannot weight classes")
+    counts = data.class_counts(data_dir, meta, "weight classes")
     return {label: sum(counts) / (2.0 * count) for label, count in enumerate(counts)}
 
 

@@ -461,10 +461,18 @@ def test_class_weights_instead_of_oversampling(tmp_path: Path) -> None:
         tiny("train.class_weights=true")
     prepared = make_data(tmp_path / "data", {"train": (12, 4), "val": (3, 3), "test": (2, 2)})
     meta = json.loads((prepared / "meta.json").read_text())
-    weights = train._class_weights(tiny("data.balance=false", "train.class_weights=true"), meta)
+    cfg = tiny("data.balance=false", "train.class_weights=true")
+    weights = train._class_weights(cfg, prepared, meta)
     assert weights == pytest.approx({0: 16 / 24, 1: 16 / 8})  # n / (2 n_class): 12 x 2/3 = 4 x 2
     weighted = train_and_evaluate(tiny("train.epochs=2", "data.balance=false", "train.class_weights=true"),
                                   prepared, tmp_path / "weighted")
     train_and_evaluate(tiny("train.epochs=2", "data.balance=false"), prepared, tmp_path / "plain")
     assert weighted["epochs_run"] == 2
     assert np.abs(curves(tmp_path / "weighted")[:, 0] - curves(tmp_path / "plain")[:, 0]).max() > 1e-3
+    # A training split without RDR images cannot be weighted: named, and no epoch is committed.
+    no_rdr = make_data(tmp_path / "no_rdr", {"train": (12, 0), "val": (3, 3), "test": (2, 2)})
+    with pytest.raises(InputError, match=r"no_rdr: split 'train' has no RDR images; cannot weight classes"):
+        train_and_evaluate(tiny("train.epochs=2", "data.balance=false", "train.class_weights=true"),
+                           no_rdr, tmp_path / "no_rdr_run")
+    assert not (tmp_path / "no_rdr_run" / "checkpoints" / "state.json").exists()
+    assert not (tmp_path / "no_rdr_run" / "metrics.json").exists()
