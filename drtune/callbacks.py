@@ -14,8 +14,8 @@ What each does:
 - :class:`CSVLogger`, :class:`TensorBoard`: Keras' own, writing epochs counted from 1
   (``history.csv``, ``tensorboard/``).
 - :class:`ChanceLevel`: a check, at epoch ``train.chance_check_epoch``, that training has left
-  chance level; a run that has not is restarted from new random weights (``train.chance_restarts``) or
-  warned about.
+  chance level; a run that has not is restarted from new random weights
+  (``train.chance_restarts``) or warned about.
 - :class:`EpochLog`: one log line per epoch and the epoch durations behind
   :func:`seconds_per_epoch`.
 - :class:`ResumableEarlyStopping`: early stopping whose patience survives a resume.
@@ -186,9 +186,9 @@ class ChanceLevel(keras.callbacks.Callback):
     On CPU, training is not bit-for-bit repeatable, and one or two runs in 16 of the ``real``
     study sat at chance level far longer than the rest, one of them for all 50 epochs: the
     training loss stayed at ln 2 (the network answers 0.5 for every image), while the identical
-    configuration learned in other runs. Such a run is recognisable early: its training loss is not yet ``tolerance`` below
-    ln 2 (a stuck run's epoch losses wander 0.68-0.71, above ln 2 as often as below) and its
-    validation AUC is below ``max_auc``, ``check_epoch`` epochs in. Then, while
+    configuration learned in other runs. Such a run is recognisable early: its training loss is
+    not yet ``tolerance`` below ln 2 (a stuck run's epoch losses wander 0.68-0.71, above ln 2 as
+    often as below) and its validation AUC is below ``max_auc``, ``check_epoch`` epochs in. Then, while
     ``restarts_left`` > 0, :class:`StuckAtChance` is raised (before anything of the epoch is
     written) and training starts again from new random weights; otherwise a warning says so.
     Regularisation penalties (``model.l2``) are taken out of the loss before the comparison.
