@@ -22,6 +22,9 @@ IMAGE_SUFFIXES: tuple[str, ...] = (".jpg", ".jpeg", ".png", ".tif", ".tiff", ".b
 # stripping and lower-casing, so a CSV from any of them works without renaming columns.
 NAME_COLUMNS: tuple[str, ...] = ("image name", "image", "id_code", "filename", "name")
 GRADE_COLUMNS: tuple[str, ...] = ("retinopathy grade", "level", "diagnosis", "grade")
+# IDRiD's third column. drtune does not train on it; bench_real breaks its results down by it,
+# because exudates near the macula are what a referable eye often shows first.
+EDEMA_COLUMNS: tuple[str, ...] = ("risk of macular edema",)
 
 
 @dataclass(frozen=True)
@@ -31,6 +34,7 @@ class LabelRow:
     name: str
     grade: int
     row: int
+    edema: int | None = None  # "Risk of macular edema" 0-2 when the CSV has it (None: absent or blank)
 
 
 @dataclass(frozen=True)
@@ -51,6 +55,12 @@ def _find_column(header: list[str], candidates: tuple[str, ...]) -> int | None:
         if cand in lowered:
             return lowered.index(cand)
     return None
+
+
+def _edema(fields: list[str], col: int | None) -> int | None:
+    """The row's macular-edema risk, or None: informational only, so a blank or odd value is no problem."""
+    raw = fields[col].strip() if col is not None and col < len(fields) else ""
+    return int(raw) if raw.isdigit() else None
 
 
 def read_labels(csv_path: Path, allow_empty: bool = False) -> tuple[list[LabelRow], list[Problem]]:
@@ -75,6 +85,7 @@ def read_labels(csv_path: Path, allow_empty: bool = False) -> tuple[list[LabelRo
         raise InputError(f"{csv_path}: label CSV is empty")
     name_col = _find_column(header, NAME_COLUMNS)
     grade_col = _find_column(header, GRADE_COLUMNS)
+    edema_col = _find_column(header, EDEMA_COLUMNS)
     missing = [
         label
         for label, col in (("Image name", name_col), ("Retinopathy grade", grade_col))
@@ -122,7 +133,7 @@ def read_labels(csv_path: Path, allow_empty: bool = False) -> tuple[list[LabelRo
             )
             continue
         first_row[key] = line_no
-        rows.append(LabelRow(name=key, grade=grade, row=line_no))
+        rows.append(LabelRow(name=key, grade=grade, row=line_no, edema=_edema(fields, edema_col)))
     if not rows and not problems and not allow_empty:
         raise InputError(f"{csv_path}: label CSV has a header but no rows")
     return rows, problems

@@ -8,8 +8,9 @@ held-out patients as the test split), then ``train_and_evaluate`` with the study
 then ``evaluate`` on the held-out fold at the threshold frozen on validation. Nothing is tuned
 on a held-out fold: it is only ever predicted once, by the model of the fold that left it out.
 
-Prints one line per fold and the pooled out-of-fold result with 95% bootstrap CIs; the last
-line is ``cv_auc=... cv_balanced_accuracy=... minutes=...``.
+Prints one line per fold, the pooled out-of-fold result with 95% bootstrap CIs and the share
+called RDR per ICDR grade (split by macular-edema risk where the CSV has it); the last line is
+``cv_auc=... cv_balanced_accuracy=... minutes=...``.
 
     python scripts/bench_real.py --config studies/real.toml [--set train.epochs=40 ...]
     python scripts/bench_real.py --folds 2 --quick            # smoke run (a few minutes)
@@ -211,6 +212,42 @@ def summarise(y: np.ndarray, p: np.ndarray, called: np.ndarray, n_boot: int = 20
     return out
 
 
+def edema_risk(labels_csv: Path) -> dict[str, int]:
+    """Image name -> the CSV's "Risk of macular edema" (rows without one are left out)."""
+    rows, _ = labels_lib.read_labels(labels_csv)
+    return {row.name: row.edema for row in rows if row.edema is not None}
+
+
+def by_grade(grades: np.ndarray, called: np.ndarray, edema: np.ndarray | None = None) -> list[dict[str, Any]]:
+    """Where the misses are: ``metrics.per_grade`` of the pooled decisions (each made at its
+    fold's threshold), each row tagged ``edema_risk`` "any"; with ``edema`` (-1: unknown), a
+    grade that has eyes of both macular-edema risk 0 and 1-2 gets a row for each side too.
+
+    Pooled AUC says how well the study ranks; this says which eyes it misses: moderate DR
+    without maculopathy (microaneurysms and haemorrhages only) is harder than exudates.
+    """
+    def rows(g: np.ndarray, risk: str) -> list[dict[str, Any]]:
+        return [{**r, "edema_risk": risk} for r in metrics.per_grade(g, called.astype(float), 0.5)]
+
+    out = rows(grades, "any")
+    if edema is not None:
+        sides = [rows(np.where(mask, grades, -1), risk) for risk, mask in (("0", edema == 0), ("1-2", edema > 0))]
+        both = {r["grade"] for r in sides[0]} & {r["grade"] for r in sides[1]}  # one side says nothing new
+        out += [r for side in sides for r in side if r["grade"] in both]
+    return sorted(out, key=lambda r: r["grade"])  # stable: "any" first, then risk 0, then 1-2
+
+
+def _grade_lines(rows: list[dict[str, Any]]) -> list[str]:
+    lines = []
+    for r in rows:
+        text = f"{r['called_rdr']}/{r['n']} = {r['share']:.2f} ({_ci(r['ci95'])})"
+        if r["edema_risk"] == "any":
+            lines.append(f"  grade {r['grade']}: called RDR {text}")
+        else:
+            lines[-1] += f"; macular edema risk {r['edema_risk']}: {text}"
+    return lines
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--images", type=Path, default=DEFAULT_SOURCE / "images")
@@ -307,11 +344,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     done = ~np.isnan(oof_p)
     minutes = (time.monotonic() - t_start) / 60
     s = summarise(y[done], oof_p[done], oof_called[done])
+    risk = edema_risk(args.labels)
+    edema = np.array([risk.get(n, -1) for n in names]) if risk else None
+    s["by_grade"] = by_grade(grades[done], oof_called[done], edema[done] if edema is not None else None)
     ci = s["ci95"]
     print(f"pooled out-of-fold (n={s['n']}): AUC {s['auc']:.3f} ({_ci(ci['auc'])})  "
           f"bal.acc {s['balanced_accuracy']:.3f} ({_ci(ci['balanced_accuracy'])})  "
           f"sens {s['sensitivity']:.3f} ({_ci(ci['sensitivity'])})  "
           f"spec {s['specificity']:.3f} ({_ci(ci['specificity'])})  cm {s['confusion_matrix']}")
+    print("per grade, pooled out-of-fold:", *_grade_lines(s["by_grade"]), sep="\n")
     (args.workdir / tag).mkdir(parents=True, exist_ok=True)
     (args.workdir / tag / "cv.json").write_text(json.dumps({"overrides": overrides, "config": args.config,
                                                             "search": args.search, "top_k": args.top_k,

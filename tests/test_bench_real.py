@@ -81,6 +81,24 @@ def test_pooled_summary_uses_each_folds_decisions() -> None:
     assert s["auc"] == pytest.approx(7 / 9)  # from the scores, not the decisions
 
 
+def test_per_grade_breakdown_splits_by_macular_edema_where_both_sides_exist() -> None:
+    bench = _bench()
+    grades = np.array([0, 0, 1, 2, 2, 2, 2, 3])
+    edema = np.array([0, 0, 0, 0, 0, 1, 2, -1])  # -1: the CSV had no value
+    called = np.array([False, True, False, False, True, True, True, True])
+    rows = {(r["grade"], r["edema_risk"]): r for r in bench.by_grade(grades, called, edema)}
+    # Grades 0 and 1 have edema risk 0 only and grade 3 none known: no split for them.
+    assert set(rows) == {(0, "any"), (1, "any"), (2, "any"), (2, "0"), (2, "1-2"), (3, "any")}
+    assert (rows[0, "any"]["called_rdr"], rows[0, "any"]["n"]) == (1, 2)
+    assert (rows[2, "any"]["called_rdr"], rows[2, "any"]["n"]) == (3, 4)
+    assert (rows[2, "0"]["called_rdr"], rows[2, "0"]["n"]) == (1, 2)
+    assert (rows[2, "1-2"]["called_rdr"], rows[2, "1-2"]["n"]) == (2, 2)
+    assert [r["edema_risk"] for r in bench.by_grade(grades, called)] == ["any"] * 4
+    lines = bench._grade_lines(bench.by_grade(grades, called, edema))
+    assert len(lines) == 4 and lines[2].startswith("  grade 2: called RDR 3/4 = 0.75 (")
+    assert "; macular edema risk 0: 1/2 = 0.50 (" in lines[2] and "; macular edema risk 1-2: 2/2 = 1.00 (" in lines[2]
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(not FUNDUS_TRAIN.is_dir(), reason="../shared/fundus-train is not here")
 def test_two_fold_quick_run_on_real_photographs(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -89,6 +107,7 @@ def test_two_fold_quick_run_on_real_photographs(tmp_path: Path, capsys: pytest.C
     lines = capsys.readouterr().out.strip().splitlines()
     assert [ln.split(":")[0] for ln in lines if ln.startswith("fold ")] == ["fold 0", "fold 1"]
     last = dict(kv.split("=") for kv in lines[-1].split())
+    assert "per grade, pooled out-of-fold:" in lines  # labels.csv has the macular-edema column
     assert set(last) == {"cv_auc", "cv_balanced_accuracy", "minutes"}
     assert 0.0 <= float(last["cv_auc"]) <= 1.0 and 0.0 <= float(last["cv_balanced_accuracy"]) <= 1.0
 
@@ -126,6 +145,6 @@ def test_search_mode_runs_the_grid_and_the_top_k_ensemble_per_fold(
     # Finished folds are reused, not searched again: the same pooled figures from the same files.
     assert bench.main(argv) == 0
     again = capsys.readouterr().out.strip().splitlines()
-    assert again[-2] == first[-2]
+    assert [line for line in again if line.startswith("pooled")] == [line for line in first if line.startswith("pooled")]
     with pytest.raises(SystemExit):
         bench.main(argv[:-7] + ["--top-k", "2"])  # --top-k without --search

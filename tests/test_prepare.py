@@ -86,6 +86,22 @@ def test_real_idrid_csvs_parse_as_shipped() -> None:
     assert problems == [] and len(test) == 103
     assert [sum(r.grade == g for r in test) for g in range(5)] == [34, 5, 32, 19, 13]
     assert all(r.name == r.name.strip() and r.name.startswith("IDRiD_") for r in train + test)
+    # The macular-edema column comes along, past the training CSV's trailing empty columns.
+    for rows, name in ((train, "a. IDRiD_Disease Grading_Training Labels.csv"),
+                       (test, "b. IDRiD_Disease Grading_Testing Labels.csv")):
+        raw = [line.split(",") for line in (IDRID_LABELS / name).read_text().splitlines()[1:] if line.strip(",")]
+        assert [r.edema for r in rows] == [int(fields[2]) for fields in raw]
+        assert {r.edema for r in rows} == {0, 1, 2}
+
+
+def test_macular_edema_column_is_optional(tmp_path: Path) -> None:
+    labels = tmp_path / "labels.csv"
+    labels.write_text("Image name,Retinopathy grade\nIDRiD_001,2\n")
+    assert [r.edema for r in read_labels(labels)[0]] == [None]
+    # Informational only: a blank or odd value is no problem (the grade is what drtune trains on).
+    labels.write_text("Image name,Retinopathy grade,Risk of macular edema\na,2,1\nb,0,\nc,1,x\n")
+    rows, problems = read_labels(labels)
+    assert problems == [] and [(r.name, r.edema) for r in rows] == [("a", 1), ("b", None), ("c", None)]
 
 
 def test_prepare_idrid_layout_writes_shards_and_meta(prepared: Path, synth_root: Path) -> None:
