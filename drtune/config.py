@@ -25,7 +25,7 @@ else:  # pragma: no cover - Python 3.10
 from drtune.errors import InputError
 from drtune.runs import prepared_differences, prepared_refusal
 
-AUGMENT_LEVELS: tuple[str, ...] = ("none", "base", "strong")
+AUGMENT_LEVELS: tuple[str, ...] = ("none", "base", "rotate", "strong")
 NORMALIZATIONS: tuple[str, ...] = ("none", "graham")  # what `prepare --normalize` accepts
 THRESHOLD_CRITERIA: tuple[str, ...] = ("balanced_accuracy", "youden", "fixed")
 
@@ -35,7 +35,7 @@ class DataConfig:
     """Where the prepared data is and how the input pipeline treats it."""
 
     dir: str = ""  # DATA directory of `drtune prepare`; `--data` overrides it
-    augment: str = "base"  # none | base | strong
+    augment: str = "base"  # none | base | rotate | strong (drtune.data.augment_params)
     balance: bool = True  # oversample the minority class at read time
     cache: bool = True  # keep decoded images in memory when they fit
     image_size: int = 0  # 0: as prepared; else resized in the pipeline (tiny test models)

@@ -23,16 +23,21 @@ from absl import logging
 from drtune.errors import InputError
 from drtune.runs import CLASS_NAMES, META_JSON, TRAIN, load_meta
 
-AUGMENT_LEVELS: tuple[str, ...] = ("none", "base", "strong")
+AUGMENT_LEVELS: tuple[str, ...] = ("none", "base", "rotate", "strong")
 
 # Strengths. ``base`` reproduces the original project's ImageDataGenerator ranges, except that
 # shear is in radians here: Keras read ``shear_range=0.05`` as degrees, which is a no-op.
 # ``strong`` is for fine-tuning: a fundus has no "up", so any rotation is a valid view.
+# ``rotate`` trains on that fact with milder everything else: any angle, but a little shift, zoom,
+# shear and brightness (``base``'s brightness 0.5-1.3 moves a Graham-normalised image's grey
+# background by up to half, and its zoom 0.7 crops the periphery off).
 _PARAMS: dict[str, dict[str, Any]] = {
     "none": dict(rotation_deg=0.0, shift=0.0, zoom=(1.0, 1.0), shear_rad=0.0,
                  brightness=(1.0, 1.0), flip=False, contrast=0.0, saturation=0.0),
     "base": dict(rotation_deg=5.0, shift=0.15, zoom=(0.7, 1.2), shear_rad=0.05,
                  brightness=(0.5, 1.3), flip=True, contrast=0.0, saturation=0.0),
+    "rotate": dict(rotation_deg=180.0, shift=0.05, zoom=(0.9, 1.1), shear_rad=0.02,
+                   brightness=(0.9, 1.1), flip=True, contrast=0.0, saturation=0.0),
     "strong": dict(rotation_deg=180.0, shift=0.1, zoom=(0.85, 1.15), shear_rad=0.1,
                    brightness=(0.6, 1.4), flip=True, contrast=0.1, saturation=0.1),
 }

@@ -106,15 +106,27 @@ def test_augment_without_seed_and_single_image() -> None:
     assert one.shape == x[0].shape
 
 
-def test_rotation_ranges_of_base_and_strong() -> None:
+def test_rotation_ranges_of_base_rotate_and_strong() -> None:
     x = disc_batch(64)
     assert np.nanmax(marker_angles(x)) < 1.0  # the probe itself reads 0 on the input
-    base = marker_angles(data.augment(x, "base", tf.constant([1, 1])).numpy())
-    strong = marker_angles(data.augment(x, "strong", tf.constant([1, 1])).numpy())
-    assert np.isfinite(base).sum() >= 48 and np.isfinite(strong).sum() >= 48
+    base, rotate, strong = (marker_angles(data.augment(x, level, tf.constant([1, 1])).numpy())
+                            for level in ("base", "rotate", "strong"))
+    assert all(np.isfinite(a).sum() >= 48 for a in (base, rotate, strong))
     # base: +-5 degrees of rotation plus +-0.05 rad (2.9 degrees) of shear, plus pixel rounding
     assert np.nanmax(base) < 10.0
-    assert np.sum(strong > 30.0) >= 10
+    assert np.sum(strong > 30.0) >= 10 and np.sum(rotate > 30.0) >= 10
+
+
+def test_rotate_keeps_brightness_and_periphery_close_to_the_input() -> None:
+    """``rotate`` turns freely but barely rescales: brightness 0.9-1.1, zoom 0.9-1.1 (base's 0.7 crops)."""
+    x = disc_batch(64)
+    out = data.augment(x, "rotate", tf.constant([5, 6])).numpy()
+    # The disc's centre stays grey under any rotation (the markers sit 0.2 S from it).
+    centre = out[:, S // 2 - 3:S // 2 + 3, S // 2 - 3:S // 2 + 3, 2]
+    factors = centre.mean(axis=(1, 2)) / 120.0
+    assert 0.85 < factors.min() and factors.max() < 1.15
+    disc_area = ((x[0, ..., 2] > 60).sum(), (out[..., 2] > 60).sum(axis=(1, 2)))
+    assert np.all(np.abs(disc_area[1] / disc_area[0] - 1.0) < 0.3)  # zoom 0.9-1.1: area within +-21%
 
 
 def test_augment_flips_and_brightness_happen() -> None:
@@ -132,10 +144,11 @@ def test_augment_flips_and_brightness_happen() -> None:
 def test_augment_params_and_unknown_level() -> None:
     assert data.augment_params("base")["rotation_deg"] == 5.0
     assert data.augment_params("strong")["rotation_deg"] == 180.0
+    assert data.augment_params("rotate")["rotation_deg"] == 180.0
     p = data.augment_params("none")
     p["shift"] = 9.0  # a copy: callers cannot corrupt the table
     assert data.augment_params("none")["shift"] == 0.0
-    with pytest.raises(InputError, match="none, base, strong"):
+    with pytest.raises(InputError, match="none, base, rotate, strong"):
         data.augment_params("heavy")
     with pytest.raises(InputError, match="heavy"):
         data.augment(disc_batch(1), "heavy")
