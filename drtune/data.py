@@ -20,10 +20,9 @@ import numpy as np
 import tensorflow as tf
 from absl import logging
 
+from drtune.config import AUGMENT_LEVELS  # the names; their strengths live here (_PARAMS)
 from drtune.errors import InputError
 from drtune.runs import CLASS_NAMES, META_JSON, TRAIN, load_meta
-
-AUGMENT_LEVELS: tuple[str, ...] = ("none", "base", "rotate", "strong")
 
 # Strengths. ``base`` reproduces the original project's ImageDataGenerator ranges, except that
 # shear is in radians here: Keras read ``shear_range=0.05`` as degrees, which is a no-op.
