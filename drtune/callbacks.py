@@ -176,6 +176,21 @@ class ValidationMetrics(keras.callbacks.Callback):
 CHANCE_LOSS = math.log(2.0)
 
 
+def grade_chance_loss(grade_counts: Sequence[int], rdr_grade: int, balance: bool,
+                      label_smoothing: float) -> float:
+    """Where a grade-head run stuck at chance level sits: the entropy of the training stream's
+    grade distribution (smoothed as the targets are), the loss of a network that answers that
+    distribution for every image. With ``balance`` the stream draws NRDR and RDR half each."""
+    counts = np.asarray(grade_counts, float)
+    if balance:
+        sides = [counts[:rdr_grade], counts[rdr_grade:]]
+        p = np.concatenate([0.5 * side / side.sum() if side.sum() else side for side in sides])
+    else:
+        p = counts / counts.sum()
+    q = (1.0 - label_smoothing) * p + label_smoothing / len(counts)
+    return float(-np.sum(q[q > 0] * np.log(q[q > 0])))
+
+
 class StuckAtChance(DrtuneError):
     """Raised by :class:`ChanceLevel` to have ``train_and_evaluate`` restart from new weights."""
 
@@ -192,13 +207,14 @@ class ChanceLevel(keras.callbacks.Callback):
     ``restarts_left`` > 0, :class:`StuckAtChance` is raised (before anything of the epoch is
     written) and training starts again from new random weights; otherwise a warning says so.
     Regularisation penalties (``model.l2``) are taken out of the loss before the comparison.
+    A grade-head model's chance level is not ln 2 but ``chance_loss`` (:func:`grade_chance_loss`).
     """
 
     def __init__(self, check_epoch: int, restarts_left: int, tolerance: float = 0.01,
-                 max_auc: float = 0.6) -> None:
+                 max_auc: float = 0.6, chance_loss: float = CHANCE_LOSS) -> None:
         super().__init__()
         self.check_epoch, self.restarts_left = check_epoch, restarts_left
-        self.tolerance, self.max_auc = tolerance, max_auc
+        self.tolerance, self.max_auc, self.chance_loss = tolerance, max_auc, chance_loss
 
     def stuck(self, logs: dict[str, Any]) -> bool:
         """Whether these epoch logs are those of a run at chance level."""
@@ -206,14 +222,14 @@ class ChanceLevel(keras.callbacks.Callback):
         loss = float(logs.get("loss", math.nan)) - penalty
         auc = float(logs.get("val_auc", math.nan))
         # A NaN AUC (one-class validation split) judges nothing, and a NaN loss is TerminateOnNaN's.
-        return loss > CHANCE_LOSS - self.tolerance and auc < self.max_auc
+        return loss > self.chance_loss - self.tolerance and auc < self.max_auc
 
     def on_epoch_end(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
         if epoch + 1 != self.check_epoch or not self.stuck(logs or {}):
             return
         logs = logs or {}
         what = (f"training has not left chance level after {epoch + 1} epochs (loss {logs['loss']:.4f}, "
-                f"ln 2 = {CHANCE_LOSS:.4f}; validation AUC {logs['val_auc']:.3f})")
+                f"chance level {self.chance_loss:.4f}; validation AUC {logs['val_auc']:.3f})")
         if self.restarts_left > 0:
             raise StuckAtChance(what)
         logging.warning("%s: this run is unlikely to learn; train again (train.chance_restarts restarts "

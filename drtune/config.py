@@ -60,6 +60,9 @@ class ModelConfig:
     # (both, concatenated). A few small lesions are a small share of an average over the whole
     # field, but they set its maximum.
     pooling: str = "avg"
+    # What the classifier predicts: "referral" (2 classes, NRDR/RDR: the original network) or
+    # "grade" (the 5 ICDR grades, P(RDR) = the sum over the referable ones): see drtune/model.py.
+    head: str = "referral"
 
 
 @dataclass(frozen=True)
@@ -112,6 +115,7 @@ class TrainConfig:
 
 
 POOLINGS: tuple[str, ...] = ("avg", "max", "avgmax")
+HEADS: tuple[str, ...] = ("referral", "grade")
 OPTIMIZERS: tuple[str, ...] = ("adam", "adamw")
 SCHEDULES: tuple[str, ...] = ("constant", "cosine")
 TTA_MODES: tuple[str, ...] = ("none", "flips", "dihedral")  # see drtune/tta.py
@@ -182,6 +186,7 @@ _RULES: tuple[tuple[str, typing.Callable[[Any], bool], str], ...] = (
     ("model.dropout", lambda v: 0.0 <= v < 1.0, "must be in [0, 1)"),
     ("model.l2", lambda v: v >= 0.0, "must be >= 0"),
     ("model.pooling", lambda v: v in POOLINGS, f"must be one of {', '.join(POOLINGS)}"),
+    ("model.head", lambda v: v in HEADS, f"must be one of {', '.join(HEADS)}"),
     ("train.lr", lambda v: v > 0.0, "must be > 0"),
     ("train.batch_size", lambda v: v >= 1, "must be >= 1"),
     ("train.epochs", lambda v: v >= 1, "must be >= 1"),
@@ -308,6 +313,9 @@ def validate(cfg: Config, source: str = "config") -> Config:
     if cfg.train.class_weights and cfg.data.balance:
         raise InputError(f"{source}: train.class_weights = true: needs data.balance = false "
                          "(oversampling already balances the classes; pick one of the two)")
+    if cfg.train.borderline and cfg.model.head == "grade":
+        raise InputError(f"{source}: train.borderline = {cfg.train.borderline!r}: needs model.head = "
+                         "\"referral\" (soft NRDR/RDR targets; the grade head learns the grades themselves)")
     _validate_grid(cfg, source)
     _validate_space(cfg, source)
     return cfg

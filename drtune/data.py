@@ -258,6 +258,19 @@ def _label(ex: dict) -> tf.Tensor:
     return tf.cast(ex["label"], tf.int32)
 
 
+def _grade(ex: dict) -> tf.Tensor:
+    return tf.cast(ex["grade"], tf.int32)
+
+
+def _check_graded(data_dir: Path, entry: dict) -> None:
+    """Every training record has an ICDR grade (``prepare`` writes one; meta.json counts them)."""
+    graded = sum(int(v) for v in entry.get("grades", {}).values())
+    if graded != int(entry["n"]):
+        raise InputError(f"{data_dir}: split {TRAIN!r} has {graded} graded of {entry['n']} "
+                         "records (meta.json 'grades'): model.head = \"grade\" trains on ICDR grades; "
+                         "prepare the data with `drtune prepare` from a grade CSV, or use model.head = \"referral\"")
+
+
 def borderline_targets(borderline: float, rdr_grade: int = 2) -> tf.Tensor:
     """float32 [5, 2] training targets (P(NRDR), P(RDR)) of ICDR grades 0-4.
 
@@ -334,11 +347,13 @@ def train_dataset(
     steps_per_epoch: int = 0,
     initial_epoch: int = 0,
     borderline: float = 0.0,
+    grades: bool = False,
 ) -> tuple[tf.data.Dataset, int]:
     """Infinite (repeat) dataset of (float32 images 0..255 [B,S,S,3], int32 labels [B]) and steps_per_epoch.
 
     ``borderline`` > 0: the targets are float32 [B, 2] class probabilities instead, soft for the
-    grades either side of the referral grade (:func:`borderline_targets`).
+    grades either side of the referral grade (:func:`borderline_targets`). ``grades``: the
+    targets are the int32 ICDR grades 0-4 (a grade-head model's); every record must carry one.
 
     ``balance``: draw NRDR and RDR with probability 0.5 each (the minority class is oversampled
     at read time); an epoch is then ceil(2 * majority / batch_size) steps, i.e. the majority
@@ -363,6 +378,9 @@ def train_dataset(
     if borderline:
         table = borderline_targets(borderline, int(meta.get("rdr_grade", 2)))
         spec, target = {**_FEATURES, **_SIDE_FEATURES}, _target(table)
+    elif grades:
+        _check_graded(data_dir, entry)
+        spec, target = {**_FEATURES, **_SIDE_FEATURES}, _grade
     else:
         spec, target = _FEATURES, _label
     parsed = _records(files).map(lambda raw: tf.io.parse_single_example(raw, spec),

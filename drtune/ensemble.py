@@ -52,6 +52,12 @@ def build_model(members: Mapping[str, tuple[keras.Model, str]]) -> keras.Model:
     if len(set(shapes.values())) > 1:
         raise InputError("ensemble members take different input sizes: "
                          + ", ".join(f"{k} {v}" for k, v in shapes.items()))
+    heads = {label: int(m.output.shape[-1]) for label, (m, _) in members.items()}
+    if len(set(heads.values())) > 1:
+        # Columns 0-1 (P(NRDR), P(RDR)) mean the same in both, but a mean over outputs of different
+        # widths has no meaning: an ensemble is of one kind of classifier (model.head).
+        raise InputError("ensemble members have different classifiers (model.head): "
+                         + ", ".join(f"{k} {'grade' if v > 2 else 'referral'}" for k, v in heads.items()))
     inputs = keras.Input(next(iter(shapes.values())), name="image")
     outs = []
     for label, (model, mode) in members.items():

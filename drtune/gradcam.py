@@ -39,7 +39,7 @@ from drtune.evaluate import check_data_matches_run, load_run, model_inputs, pred
 from drtune.fundus import Field, crop_square, find_field
 from drtune.gallery import GROUPS, NAMED, PREFIX, SELECTION, gallery_artifacts  # noqa: F401  (re-exported)
 from drtune.labels import list_images, read_labels
-from drtune.model import FEATURE_LAYER
+from drtune.model import FEATURE_LAYER, GradeHead
 from drtune.prepare import decode_photo
 from drtune.runs import MODEL_KERAS, SPLITS, TEST, TRAIN, load_meta, write_json
 from drtune.synth import SYNTH_LAYOUT, mask_path
@@ -49,17 +49,29 @@ RDR = 1
 # --------------------------------------------------------------------------- heatmaps (pure)
 
 
-def _grad_model(model: Any, layer: str, where: str = "") -> Any:
-    """[feature map, pre-softmax input of the head (or the probabilities)] of ``model``."""
+def _grad_model(model: Any, layer: str, where: str = "") -> tuple[Any, Callable[[tf.Tensor], tf.Tensor], int]:
+    """(model of [feature map, input of the head], head input -> class logits, number of classes).
+
+    The logits are the dense layer's pre-softmax outputs; for a grade head (``model.head =
+    "grade"``) the two referral logits log sum exp over the grades either side of the referral
+    grade, whose softmax is exactly the head's (P(NRDR), P(RDR)); for any other head, the log of
+    the probabilities.
+    """
     try:
         feature = model.get_layer(layer)
     except ValueError:
         raise InputError(f"{where or 'model ' + repr(model.name)}: no layer {layer!r} to explain (Grad-CAM "
                          f"needs the named feature map; drtune models call it {FEATURE_LAYER!r})") from None
     head = model.layers[-1]
-    dense = isinstance(head, keras.layers.Dense) and head.activation is keras.activations.softmax
-    return keras.Model(model.inputs, [feature.output, head.input if dense else model.output]), (
-        head if dense else None)
+    if isinstance(head, keras.layers.Dense) and head.activation is keras.activations.softmax:
+        return (keras.Model(model.inputs, [feature.output, head.input]),
+                lambda pre: tf.matmul(pre, head.kernel) + head.bias, int(head.units))
+    if isinstance(head, GradeHead):
+        r = head.rdr_grade
+        return (keras.Model(model.inputs, [feature.output, head.input]),
+                lambda g: tf.stack([tf.reduce_logsumexp(g[:, :r], 1), tf.reduce_logsumexp(g[:, r:], 1)], 1), 2)
+    return (keras.Model(model.inputs, [feature.output, model.output]),
+            lambda p: tf.math.log(tf.maximum(p, 1e-12)), int(model.output.shape[-1]))
 
 
 def _cams(model: Any, images: np.ndarray, class_index: int | None, layer: str,
@@ -69,8 +81,7 @@ def _cams(model: Any, images: np.ndarray, class_index: int | None, layer: str,
     if images.ndim != 4 or images.shape[-1] != 3:
         raise InputError(f"images: expected a batch [B,H,W,3], got shape {images.shape}")
     c = RDR if class_index is None else int(class_index)
-    grad_model, head = _grad_model(model, layer)
-    n_classes = int(model.output.shape[-1])
+    grad_model, to_logits, n_classes = _grad_model(model, layer)
     if not 0 <= c < n_classes:
         raise InputError(f"class_index {class_index}: the model has {n_classes} classes")
 
@@ -81,8 +92,7 @@ def _cams(model: Any, images: np.ndarray, class_index: int | None, layer: str,
     def step(x: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
         with tf.GradientTape() as tape:
             feats, pre = grad_model([x], training=False)
-            logits = (tf.matmul(pre, head.kernel) + head.bias if head is not None
-                      else tf.math.log(tf.maximum(pre, 1e-12)))
+            logits = to_logits(pre)
             others = tf.concat([logits[:, :c], logits[:, c + 1:]], axis=1)
             score = logits[:, c] - tf.reduce_logsumexp(others, axis=1)
         grads = tape.gradient(score, feats)  # images are independent: d(sum)/dA_b = d(score_b)/dA_b

@@ -2,7 +2,8 @@
 
 7x7/2 conv, BN, ReLU, 3x3/2 max-pool, three stages of pre-activation residual blocks
 (BN-ReLU-conv3x3(stride 2)-BN-ReLU-conv3x3 with a 1x1 projection shortcut) at width x (1, 2, 4)
-channels, ReLU, global average pooling (or max, or both: ``model.pooling``), dense 2 softmax.
+channels, ReLU, global average pooling (or max, or both: ``model.pooling``), dense 2 softmax
+(or, with ``model.head = "grade"``, dense 5 softmax over the ICDR grades: :class:`GradeHead`).
 The model takes RGB pixel values in 0..255 and rescales them itself, so every caller (training,
 evaluation, predict, Grad-CAM) feeds the same thing and none can forget the scaling.
 """
@@ -10,7 +11,7 @@ evaluation, predict, Grad-CAM) feeds the same thing and none can forget the scal
 from __future__ import annotations
 
 from contextlib import contextmanager
-from typing import Iterator
+from typing import Any, Iterator
 
 import keras
 from keras import layers
@@ -19,6 +20,7 @@ from drtune.config import ModelConfig, TrainConfig
 
 FEATURE_LAYER = "features"  # last feature map, the layer Grad-CAM differentiates against
 OUTPUT_LAYER = "probs"
+N_GRADES = 5  # ICDR grades 0-4
 # Keras' default 0.99 makes the inference statistics lag hundreds of steps behind the weights;
 # with a few hundred images per epoch that leaves validation (at threshold 0.5) far behind
 # training for most of a short run. 0.9 tracks within tens of steps.
@@ -77,15 +79,17 @@ def _dtype_policy(precision: str) -> Iterator[None]:
 
 
 def build_model(cfg: ModelConfig = ModelConfig(), input_size: int = 256,
-                precision: str = "float32") -> keras.Model:
+                precision: str = "float32", rdr_grade: int = 2) -> keras.Model:
     """Build (uncompiled) the network for square RGB inputs of ``input_size`` pixels.
+
+    ``rdr_grade`` (the data's referral grade) is where a grade head splits NRDR from RDR.
 
     ``precision`` ``mixed_float16``/``mixed_bfloat16`` computes in half precision with float32
     weights (Keras mixed precision); the softmax stays in float32 either way, because
     probabilities near 0 and 1 (and the loss of them) lose too much in 16 bits.
     """
     with _dtype_policy(precision):
-        return _build(cfg, input_size)
+        return _build(cfg, input_size, rdr_grade)
 
 
 def as_float32(model: keras.Model) -> keras.Model:
@@ -116,7 +120,47 @@ def _pool(x: keras.KerasTensor, pooling: str) -> keras.KerasTensor:
                                             layers.GlobalMaxPooling2D(name="pool_max")(x)])
 
 
-def _build(cfg: ModelConfig, input_size: int) -> keras.Model:
+@keras.saving.register_keras_serializable(package="drtune")
+class GradeHead(layers.Layer):
+    """Grade logits [B, 5] -> [P(NRDR), P(RDR), P(grade 0), ..., P(grade 4)], float32.
+
+    The first two columns are what every reader of a drtune model takes (``[:, 1]`` is P(RDR)),
+    so evaluate, predict, Grad-CAM, test-time augmentation and ensembles work unchanged; the
+    grade columns are what the training loss (:class:`GradeCrossentropy`) reads. Learning the
+    grades teaches the network what separates a mild eye (grade 1: microaneurysms only) from a
+    healthy one, the very lesions that make a moderate eye (grade 2) referable when no exudate
+    shows; a 2-class head is never asked to see them below the referral grade.
+    """
+
+    def __init__(self, rdr_grade: int = 2, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.rdr_grade = rdr_grade
+
+    def call(self, logits: Any) -> Any:
+        from keras import ops
+
+        p = ops.softmax(ops.cast(logits, "float32"), axis=-1)
+        nrdr = ops.sum(p[:, :self.rdr_grade], axis=-1, keepdims=True)
+        rdr = ops.sum(p[:, self.rdr_grade:], axis=-1, keepdims=True)
+        return ops.concatenate([nrdr, rdr, p], axis=-1)
+
+    def compute_output_shape(self, input_shape: tuple[Any, ...]) -> tuple[Any, ...]:
+        return (input_shape[0], 2 + N_GRADES)
+
+    def get_config(self) -> dict[str, Any]:
+        return {**super().get_config(), "rdr_grade": self.rdr_grade}
+
+
+def grade_head(model: keras.Model) -> GradeHead | None:
+    """The model's :class:`GradeHead`, or None for a 2-class (referral) model."""
+    try:
+        head = model.get_layer(OUTPUT_LAYER)
+    except ValueError:  # an ensemble or TTA wrapper: its members carry the heads
+        return None
+    return head if isinstance(head, GradeHead) else None
+
+
+def _build(cfg: ModelConfig, input_size: int, rdr_grade: int = 2) -> keras.Model:
     reg = keras.regularizers.L2(cfg.l2) if cfg.l2 > 0 else None
     inputs = keras.Input((input_size, input_size, 3), name="image")
     x = layers.Rescaling(1.0 / 255.0, name="rescale")(inputs)
@@ -132,8 +176,12 @@ def _build(cfg: ModelConfig, input_size: int) -> keras.Model:
     x = _pool(x, cfg.pooling)
     if cfg.dropout > 0:
         x = layers.Dropout(cfg.dropout, name="dropout")(x)
-    outputs = layers.Dense(2, activation="softmax", kernel_regularizer=reg, name=OUTPUT_LAYER,
-                           dtype="float32")(x)
+    if cfg.head == "grade":
+        logits = layers.Dense(N_GRADES, kernel_regularizer=reg, name="grade_logits", dtype="float32")(x)
+        outputs = GradeHead(rdr_grade, name=OUTPUT_LAYER, dtype="float32")(logits)
+    else:
+        outputs = layers.Dense(2, activation="softmax", kernel_regularizer=reg, name=OUTPUT_LAYER,
+                               dtype="float32")(x)
     return keras.Model(inputs, outputs, name="resnetv2_small")
 
 
@@ -159,6 +207,45 @@ class SmoothedSparseCrossentropy(keras.losses.Loss):
 
     def get_config(self) -> dict:
         return {**super().get_config(), "label_smoothing": self.label_smoothing}
+
+
+@keras.saving.register_keras_serializable(package="drtune")
+class GradeCrossentropy(keras.losses.Loss):
+    """Cross-entropy of the ICDR grade (int targets 0-4) against a :class:`GradeHead`'s grade
+    columns, with label smoothing over the five grades."""
+
+    def __init__(self, label_smoothing: float = 0.0, name: str = "grade_crossentropy", **kwargs: object) -> None:
+        super().__init__(name=name, **kwargs)
+        self.label_smoothing = label_smoothing
+
+    def call(self, y_true: object, y_pred: object) -> object:
+        from keras import ops
+
+        onehot = ops.one_hot(ops.cast(ops.reshape(y_true, (-1,)), "int32"), N_GRADES)
+        return keras.losses.categorical_crossentropy(onehot, y_pred[:, 2:], label_smoothing=self.label_smoothing)
+
+    def get_config(self) -> dict:
+        return {**super().get_config(), "label_smoothing": self.label_smoothing}
+
+
+@keras.saving.register_keras_serializable(package="drtune")
+class ReferralAccuracy(keras.metrics.MeanMetricWrapper):
+    """Training accuracy of a grade-head model as the logs have always meant it: P(RDR) > 0.5
+    against grade >= ``rdr_grade`` (not the 5-grade accuracy)."""
+
+    def __init__(self, rdr_grade: int = 2, name: str = "accuracy", **kwargs: Any) -> None:
+        super().__init__(fn=_referral_hits, name=name, rdr_grade=rdr_grade, **kwargs)
+        self.rdr_grade = rdr_grade
+
+    def get_config(self) -> dict[str, Any]:
+        return {"name": self.name, "dtype": self.dtype, "rdr_grade": self.rdr_grade}
+
+
+def _referral_hits(y_true: Any, y_pred: Any, rdr_grade: int = 2) -> Any:
+    from keras import ops
+
+    referable = ops.reshape(ops.cast(y_true, "int32"), (-1,)) >= rdr_grade
+    return ops.cast(ops.equal(referable, y_pred[:, 1] > 0.5), "float32")
 
 
 def learning_rate(train: TrainConfig, lr: float, steps_per_epoch: int) -> float | keras.optimizers.schedules.LearningRateSchedule:
@@ -189,7 +276,8 @@ def compile_model(model: keras.Model, lr: float, train: TrainConfig | None = Non
     ``train`` adds what the real-data study uses: AdamW's decoupled weight decay, a warm-up +
     cosine schedule (``steps_per_epoch`` converts its epochs to steps), label smoothing, soft
     targets at the referral boundary (``train.borderline``) and an exponential moving average of
-    the weights (``train.ema``).
+    the weights (``train.ema``). A grade-head model (:class:`GradeHead`) is trained on the ICDR
+    grades instead, whatever ``train`` says: the head decides, so a warm start keeps its loss.
     ``precision`` ``mixed_float16`` scales the loss dynamically (Keras' LossScaleOptimizer) so
     that small float16 gradients do not underflow; bfloat16 has float32's range and needs none.
     ``jit_compile`` "auto" is Keras' rule: XLA on a GPU, not on a CPU-only machine (where it
@@ -208,11 +296,16 @@ def compile_model(model: keras.Model, lr: float, train: TrainConfig | None = Non
         # Explicit, not compile's auto_scale_loss: that looks at the model's own policy, which a
         # functional model reloaded from a checkpoint does not keep (its layers do).
         optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
-    if train.borderline:
+    head = grade_head(model)
+    if head is not None:
+        # Targets are ICDR grades then (drtune.data.train_dataset(grades=True)).
+        loss: keras.losses.Loss = GradeCrossentropy(train.label_smoothing)
+        accuracy: keras.metrics.Metric = ReferralAccuracy(head.rdr_grade)
+    elif train.borderline:
         # The pipeline's targets are class probabilities then (drtune.data.borderline_targets),
         # each on its hard label's side of 0.5, so arg-max accuracy still counts the labels.
-        loss: keras.losses.Loss = keras.losses.CategoricalCrossentropy(label_smoothing=train.label_smoothing)
-        accuracy: keras.metrics.Metric = keras.metrics.CategoricalAccuracy(name="accuracy")
+        loss = keras.losses.CategoricalCrossentropy(label_smoothing=train.label_smoothing)
+        accuracy = keras.metrics.CategoricalAccuracy(name="accuracy")
     else:
         loss = (SmoothedSparseCrossentropy(train.label_smoothing) if train.label_smoothing
                 else keras.losses.SparseCategoricalCrossentropy())

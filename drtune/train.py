@@ -40,14 +40,15 @@ from drtune import data, devices, metrics, runs
 # The callbacks live in drtune.callbacks; the names other modules, scripts and tests import from
 # here (RunOwnershipLost, RunOwner, MONITOR, LAST, seconds_per_epoch) stay importable, and so does
 # write_json, whose home is drtune.runs.
-from drtune.callbacks import (LAST, MONITOR, STATE, BestModel, ChanceLevel, Checkpoints, CSVLogger, EMAWeights,
-                              EpochLog, ResumableEarlyStopping, RunOwner, RunOwnershipLost, StuckAtChance,
-                              TensorBoard, ValidationMetrics, seconds_per_epoch)
+from drtune.callbacks import (CHANCE_LOSS, LAST, MONITOR, STATE, BestModel, ChanceLevel, Checkpoints, CSVLogger,
+                              EMAWeights, EpochLog, ResumableEarlyStopping, RunOwner, RunOwnershipLost,
+                              StuckAtChance, TensorBoard, ValidationMetrics, grade_chance_loss, seconds_per_epoch)
 from drtune.config import Config
 from drtune.errors import DrtuneError, InputError
 from drtune.metrics import read_history
-from drtune.model import as_float32, build_model, compile_model
-from drtune.runs import CHECKPOINTS_DIR, CONFIG_JSON, DATA_JSON, HISTORY_CSV, METRICS_JSON, MODEL_KERAS, write_json
+from drtune.model import as_float32, build_model, compile_model, grade_head
+from drtune.runs import (CHECKPOINTS_DIR, CONFIG_JSON, DATA_JSON, HISTORY_CSV, METRICS_JSON, MODEL_KERAS, TRAIN,
+                         write_json)
 from drtune.tta import tta_model
 
 
@@ -219,13 +220,15 @@ def _fit(cfg: Config, workdir: Path, data_dir: Path, meta: dict[str, Any], owner
     keras.utils.set_random_seed((cfg.train.seed + RESTART_SEED_STEP * restarts) % 2**32)
     train_ds, steps, val_ds, y_val = _datasets(cfg, data_dir, meta, epochs_done)
     history = _trim_history(workdir / HISTORY_CSV, epochs_done)
-    model = _initial_model(cfg, workdir, epochs_done, init_model, input_size, steps)
+    model = _initial_model(cfg, workdir, epochs_done, init_model, input_size, steps,
+                           int(meta.get("rdr_grade", 2)))
     epoch_log = EpochLog(cfg.train.epochs)
     early_stopping = (ResumableEarlyStopping(cfg.train.patience, state.get("early_stopping"), cfg.train.monitor)
                       if cfg.train.patience else None)
     # Restarting re-draws random weights, which a warm start (fine-tuning) does not have.
     chance = (ChanceLevel(cfg.train.chance_check_epoch,
-                          cfg.train.chance_restarts - restarts if init_model is None else 0)
+                          cfg.train.chance_restarts - restarts if init_model is None else 0,
+                          chance_loss=_chance_loss(cfg, meta))
               if cfg.train.chance_check_epoch else None)
     cbs = _callbacks(workdir, cfg, owner, val_ds, y_val, _best(history, cfg.train.monitor)[1],
                      bool(history), epoch_log, early_stopping, chance, restarts, callbacks)
@@ -292,7 +295,7 @@ def _datasets(cfg: Config, data_dir: Path, meta: dict[str, Any],
                                          image_size=image_size, meta=meta,
                                          steps_per_epoch=cfg.train.steps_per_epoch,
                                          initial_epoch=min(epochs_done, cfg.train.epochs),
-                                         borderline=cfg.train.borderline)
+                                         borderline=cfg.train.borderline, grades=cfg.model.head == "grade")
     val_ds = data.eval_dataset(data_dir, "val", cfg.train.eval_batch_size, cache=cfg.data.cache,
                                image_size=image_size, meta=meta)
     y_val = data.split_labels(data_dir, "val", meta)
@@ -304,7 +307,7 @@ def _datasets(cfg: Config, data_dir: Path, meta: dict[str, Any],
 
 
 def _initial_model(cfg: Config, workdir: Path, epochs_done: int, init_model: Path | str | None,
-                   input_size: int, steps: int) -> keras.Model:
+                   input_size: int, steps: int, rdr_grade: int = 2) -> keras.Model:
     """The model training starts from, in this order of precedence:
 
     1. the run's own checkpoint (``checkpoints/last.keras``) when an epoch is done: a resumed
@@ -319,9 +322,23 @@ def _initial_model(cfg: Config, workdir: Path, epochs_done: int, init_model: Pat
         model = keras.models.load_model(init_model)
         logging.info("warm start from %s", init_model)
     else:
-        model = build_model(cfg.model, input_size, cfg.train.precision)
+        model = build_model(cfg.model, input_size, cfg.train.precision, rdr_grade)
+    if (grade_head(model) is not None) != (cfg.model.head == "grade"):
+        # The pipeline's targets follow the config, the loss follows the model: they must agree.
+        raise InputError(f"{init_model}: its classifier does not match model.head = {cfg.model.head!r}; "
+                         "warm-start a model trained with the same head")
     compile_model(model, cfg.train.lr, cfg.train, steps, cfg.train.precision, cfg.train.jit_compile)
     return model
+
+
+def _chance_loss(cfg: Config, meta: dict[str, Any]) -> float:
+    """The training loss of a run at chance level: ln 2, or for a grade head the entropy of the
+    training grades as the stream draws them (class weights balance the loss as sampling would)."""
+    if cfg.model.head != "grade":
+        return CHANCE_LOSS
+    grades = meta["splits"][TRAIN]["grades"]
+    return grade_chance_loss([int(grades[str(g)]) for g in range(5)], int(meta.get("rdr_grade", 2)),
+                             cfg.data.balance or cfg.train.class_weights, cfg.train.label_smoothing)
 
 
 def _check_converged(cfg: Config, workdir: Path, history: list[dict[str, str]]) -> None:

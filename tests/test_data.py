@@ -388,3 +388,28 @@ def test_strong_colour_jitter_keeps_near_black_near_black() -> None:
     assert np.allclose(out[:, :8].mean(axis=-1), 100.0, atol=1e-3)  # mean of the field kept
     sat = data._jitter(tf.constant(disc_batch(2)), tf.fill([2], 0.5), tf.fill([2], 1.0)).numpy()
     assert sat[0, 32, int(31.5 - 0.2 * S), 0] < 200  # the red marker lost saturation
+
+
+def test_grade_targets_are_the_records_grades(tmp_path: Path) -> None:
+    # Flat images whose grey level encodes the grade (20 + 40 * grade): each target must be its
+    # image's grade; a split whose records are not all graded is refused by name.
+    root = tmp_path / "data"
+    root.mkdir()
+    grades = [0, 0, 1, 1, 1, 2, 2, 3, 4, 4]
+    examples = [(encode_jpeg(np.full((32, 32, 3), 20 + 40 * g, np.uint8), 95), int(g >= 2), g, f"img_{i}")
+                for i, g in enumerate(grades)]
+    files = write_shards(root, "train", examples, shard_size=4)
+    entry = {"n": 10, "nrdr": 5, "rdr": 5, "files": files, "names": [e[3] for e in examples],
+             "grades": {str(g): grades.count(g) for g in range(5)}}
+    (root / "meta.json").write_text(json.dumps({"size": 32, "rdr_grade": 2, "splits": {"train": entry}}))
+    ds, _ = data.train_dataset(root, 5, augment_level="none", seed=0, grades=True)
+    seen = set()
+    for x, y in ds.take(20):
+        assert y.dtype == tf.int32 and y.shape == (5,)
+        np.testing.assert_array_equal(np.round((x.numpy()[:, 16, 16, 0] - 20) / 40), y.numpy())
+        seen.update(y.numpy().tolist())
+    assert seen == set(grades)
+    del entry["grades"]
+    (root / "meta.json").write_text(json.dumps({"size": 32, "rdr_grade": 2, "splits": {"train": entry}}))
+    with pytest.raises(InputError, match=r"data: split 'train' has 0 graded of 10 records .*model.head"):
+        data.train_dataset(root, 5, augment_level="none", seed=0, grades=True)

@@ -128,6 +128,22 @@ def two_trial_study(prepared: Path, tmp_path_factory: pytest.TempPathFactory) ->
     return path
 
 
+def test_grade_head_members_average_all_columns_and_mixed_heads_are_refused() -> None:
+    import keras
+
+    from drtune.config import ModelConfig
+    from drtune.model import build_model
+
+    keras.utils.set_random_seed(3)
+    a, b = (build_model(ModelConfig(width=4, head="grade"), 32) for _ in range(2))
+    x = np.random.default_rng(0).uniform(0, 255, (3, 32, 32, 3)).astype(np.float32)
+    both = ensemble.build_model({"a": (a, "none"), "b": (b, "none")})
+    np.testing.assert_allclose(both.predict(x, verbose=0),
+                               (a.predict(x, verbose=0) + b.predict(x, verbose=0)) / 2, rtol=1e-5)
+    with pytest.raises(InputError, match="different classifiers .*: a grade, c referral"):
+        ensemble.build_model({"a": (a, "none"), "c": (build_model(ModelConfig(width=4), 32), "none")})
+
+
 @pytest.mark.slow
 def test_finetune_top_k_records_the_ensemble(two_trial_study: Path, capsys, caplog) -> None:
     path = two_trial_study

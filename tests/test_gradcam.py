@@ -83,6 +83,34 @@ def test_heatmaps_on_the_drtune_model() -> None:
     assert gradcam.heatmaps(model, images[:1], layer="stage2_block1_add").shape == (1, 64, 64)
 
 
+def test_grade_head_map_explains_p_rdr_and_matches_a_two_class_twin() -> None:
+    # A grade-head model's map explains P(RDR) = the sum over grades >= 2, the probability the
+    # model reports. With the grade logits equal across each side of the referral grade (kernel
+    # columns 0-1 alike, 2-4 alike, no bias) its referral logits are log 2 + a and log 3 + b: a
+    # 2-class twin with dense kernels a, b and biases log 2, log 3 computes the same P(RDR) and
+    # must get the same map.
+    import keras
+
+    keras.utils.set_random_seed(0)
+    model = build_model(ModelConfig(width=4, head="grade"), input_size=64)
+    dense = model.get_layer("grade_logits")
+    k = np.random.default_rng(1).normal(0, 0.3, (dense.kernel.shape[0], 2)).astype(np.float32)
+    dense.kernel.assign(np.repeat(k, [2, 3], axis=1))
+    dense.bias.assign(np.zeros(5, np.float32))
+    twin = build_model(ModelConfig(width=4), input_size=64)
+    for layer in twin.layers[:-1]:
+        layer.set_weights(model.get_layer(layer.name).get_weights())
+    twin.layers[-1].set_weights([k, np.log([2.0, 3.0]).astype(np.float32)])
+    images = np.random.default_rng(0).uniform(0, 255, (4, 64, 64, 3)).astype(np.float32)
+    np.testing.assert_allclose(twin.predict(images, verbose=0), model.predict(images, verbose=0)[:, :2], atol=1e-5)
+    maps, p = gradcam._cams(model, images, None, FEATURE_LAYER, 16)
+    np.testing.assert_allclose(p, model.predict(images, verbose=0)[:, 1], rtol=1e-4, atol=1e-6)
+    assert maps.shape == (4, 64, 64) and np.all(np.isfinite(maps)) and maps.max() > 0
+    np.testing.assert_allclose(maps, gradcam.heatmaps(twin, images), atol=1e-4)
+    with pytest.raises(InputError, match="the model has 2 classes"):
+        gradcam.heatmaps(model, images[:1], class_index=2)
+
+
 def test_model_without_feature_layer() -> None:
     import keras
 

@@ -132,3 +132,52 @@ def test_mixed_precision_learns_reloads_and_evaluates_in_float32(tmp_path, preci
     # The same weights computed in float32: the same decisions, probabilities within 16-bit noise.
     np.testing.assert_allclose(full.predict(x, verbose=0), p, atol=0.05)
     assert as_float32(full) is full
+
+
+@pytest.mark.parametrize("rdr_grade", [2, 3])
+def test_grade_head_sums_the_referable_grades_and_reloads(tmp_path, rdr_grade: int) -> None:
+    # Columns 0-1 are P(NRDR), P(RDR) (what every reader takes), then the five grade
+    # probabilities; P(RDR) is the sum of those at or above the referral grade.
+    import keras
+
+    from drtune.model import GradeHead, grade_head
+
+    model = build_model(ModelConfig(width=4, head="grade"), input_size=32, rdr_grade=rdr_grade)
+    assert isinstance(grade_head(model), GradeHead) and grade_head(build_model(ModelConfig(width=4), 32)) is None
+    x = np.random.default_rng(1).uniform(0, 255, (6, 32, 32, 3)).astype("float32")
+    probs = model.predict(x, verbose=0)
+    assert probs.shape == (6, 7) and probs.dtype == np.float32
+    np.testing.assert_allclose(probs[:, 2:].sum(axis=1), 1.0, rtol=1e-5)
+    np.testing.assert_allclose(probs[:, 0], probs[:, 2:2 + rdr_grade].sum(axis=1), rtol=1e-5)
+    np.testing.assert_allclose(probs[:, 1], probs[:, 2 + rdr_grade:].sum(axis=1), rtol=1e-5)
+    logits = keras.Model(model.inputs, model.get_layer("grade_logits").output).predict(x, verbose=0)
+    np.testing.assert_allclose(probs[:, 2:], np.exp(logits) / np.exp(logits).sum(axis=1, keepdims=True), rtol=1e-4)
+    model.save(tmp_path / "m.keras")
+    again = keras.models.load_model(tmp_path / "m.keras")
+    assert grade_head(again).rdr_grade == rdr_grade
+    np.testing.assert_allclose(again.predict(x, verbose=0), probs, rtol=1e-5)
+
+
+def test_grade_loss_and_accuracy_read_the_grade_and_referral_columns() -> None:
+    from drtune.config import TrainConfig
+    from drtune.model import GradeCrossentropy, ReferralAccuracy, compile_model
+
+    # Rows: (P(NRDR), P(RDR), P(grade 0..4)) as a grade head with referral grade 2 makes them.
+    grade_p = np.array([[0.7, 0.1, 0.1, 0.05, 0.05], [0.1, 0.1, 0.2, 0.3, 0.3], [0.2, 0.5, 0.1, 0.1, 0.1]])
+    y_pred = np.concatenate([grade_p[:, :2].sum(1, keepdims=True), grade_p[:, 2:].sum(1, keepdims=True), grade_p],
+                            axis=1).astype("float32")
+    grades = np.array([0, 3, 2])
+    expected = -np.log(grade_p[np.arange(3), grades]).mean()
+    assert float(GradeCrossentropy()(grades, y_pred)) == pytest.approx(expected, rel=1e-5)
+    # Smoothing 0.1 over five grades: the target puts 0.92 on the grade and 0.02 on each other.
+    smooth = np.full((3, 5), 0.02) + 0.9 * np.eye(5)[grades]
+    assert float(GradeCrossentropy(0.1)(grades, y_pred)) == pytest.approx(
+        -(smooth * np.log(grade_p)).sum(1).mean(), rel=1e-5)
+    # Referral accuracy, P(RDR) > 0.5 against grade >= 2: P(RDR) 0.2, 0.8, 0.3 for grades 0, 3,
+    # 2 -> hit, hit, miss.
+    acc = ReferralAccuracy(2)
+    acc.update_state(grades, y_pred)
+    assert float(acc.result()) == pytest.approx(2 / 3)
+    # compile_model picks both for a grade-head model, whatever the training config says.
+    model = compile_model(build_model(ModelConfig(width=4, head="grade"), 32), 1e-3, TrainConfig(label_smoothing=0.1))
+    assert isinstance(model.loss, GradeCrossentropy) and model.loss.label_smoothing == 0.1

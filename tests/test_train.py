@@ -377,6 +377,27 @@ def test_chance_level_criterion_takes_out_the_l2_penalty() -> None:
     assert not check.stuck({"loss": 2.0 + 0.6935, "val_auc": float("nan")})  # one-class split: no verdict
 
 
+def test_grade_chance_loss_is_the_entropy_of_the_streams_grades(prepared: Path) -> None:
+    # A grade-head network at chance answers the stream's grade distribution for every image;
+    # its loss is that distribution's entropy, measured here on the balanced stream itself.
+    from drtune import data
+
+    grades = json.loads((prepared / "meta.json").read_text())["splits"]["train"]["grades"]
+    counts = [int(grades[str(g)]) for g in range(5)]
+    ds, _ = data.train_dataset(prepared, 16, augment_level="none", seed=0, image_size=16, grades=True)
+    drawn = np.concatenate([y.numpy() for _, y in ds.take(150)])
+    p = np.bincount(drawn, minlength=5) / len(drawn)
+    assert callbacks.grade_chance_loss(counts, 2, True, 0.0) == pytest.approx(-np.sum(p[p > 0] * np.log(p[p > 0])),
+                                                                              abs=0.03)
+    share = np.asarray(counts) / sum(counts)
+    assert callbacks.grade_chance_loss(counts, 2, False, 0.0) == pytest.approx(-np.sum(share * np.log(share)))
+    # Smoothing spreads the targets: a higher floor; ln 2 is the 2-class floor, far below.
+    assert callbacks.grade_chance_loss(counts, 2, True, 0.1) > callbacks.grade_chance_loss(counts, 2, True, 0.0) > 1.2
+    check = callbacks.ChanceLevel(check_epoch=5, restarts_left=0, chance_loss=1.4)
+    check.set_model(keras.Sequential([keras.Input((2,)), keras.layers.Dense(2)]))
+    assert check.stuck({"loss": 1.40, "val_auc": 0.52}) and not check.stuck({"loss": 1.1, "val_auc": 0.52})
+
+
 @pytest.mark.slow
 def test_run_stuck_at_chance_restarts_from_new_weights(prepared: Path, tmp_path: Path) -> None:
     # One restart allowed: a tiny model has not learned much by epoch 2 either, so a second
@@ -452,6 +473,36 @@ def test_borderline_targets_train_and_resume(prepared: Path, tmp_path: Path) -> 
     soft, hard = curves(run)[:, 0], curves(tmp_path / "hard")[:, 0]
     assert np.all(np.isfinite(soft)) and np.abs(soft - hard).max() > 1e-4
     assert all(0.0 <= float(r["accuracy"]) <= 1.0 for r in history(run))
+
+
+def test_grade_head_trains_on_grades_resumes_and_evaluates(prepared: Path, tmp_path: Path) -> None:
+    # model.head = "grade": the loss is the grade cross-entropy (not the 2-class one), the logged
+    # accuracy is still the referral one, a run resumes from its checkpoint, and evaluate reads
+    # P(RDR) from the same column as for any model (same calls on val as the frozen threshold's).
+    from drtune.evaluate import evaluate_run
+    from drtune.model import GradeCrossentropy, grade_head
+
+    cfg = tiny("train.epochs=3", "model.head=grade", "train.chance_check_epoch=2")
+    run = tmp_path / "grade"
+    with pytest.raises(Interrupted):
+        train_and_evaluate(cfg, prepared, run, callbacks=[Reporter(die_at=1)])
+    result = train_and_evaluate(cfg, prepared, run)
+    assert result["epochs_run"] == 3 and epochs_done(run) == 3
+    last = keras.models.load_model(run / "checkpoints" / "last.keras")
+    assert isinstance(last.loss, GradeCrossentropy) and grade_head(last).rdr_grade == 2
+    assert all(0.0 <= float(r["accuracy"]) <= 1.0 and np.isfinite(float(r["loss"])) for r in history(run))
+    assert keras.models.load_model(run / "model.keras").output.shape[-1] == 7
+    val = evaluate_run(run, prepared, "val")
+    assert val["confusion_matrix"] == result["val"]["confusion_matrix"]
+    # A warm start must keep the head the config names (targets follow the config, the loss
+    # the model); data whose records are not counted as graded is refused by name.
+    with pytest.raises(InputError, match="does not match model.head = 'referral'"):
+        train_and_evaluate(tiny("train.epochs=1"), prepared, tmp_path / "warm", init_model=run / "model.keras")
+    ungraded = make_data(tmp_path / "ungraded", {"train": (6, 6), "val": (3, 3)})
+    with pytest.raises(InputError, match=r"ungraded: split 'train' has 0 graded of 12 records"):
+        train_and_evaluate(tiny("train.epochs=1", "model.head=grade"), ungraded, tmp_path / "u")
+    with pytest.raises(InputError, match='train.borderline = 0.2: needs model.head = "referral"'):
+        tiny("model.head=grade", "train.borderline=0.2")
 
 
 def test_class_weights_instead_of_oversampling(tmp_path: Path) -> None:
