@@ -18,6 +18,8 @@ def test_check_prepared_names_the_difference(tmp_path: Path) -> None:
     assert (cfg.data.prepare_size, cfg.data.normalize) == (384, "graham")
     assert cfg.train.threshold == "fixed"  # 0.5, the balanced point of oversampled training
     assert cfg.model.blocks_per_stage == 2  # the deeper network measured best by 5-fold CV
+    # The grade head, and a finetune stage that augments as training does: both measured better.
+    assert (cfg.model.head, cfg.data.augment, cfg.finetune.augment) == ("grade", "rotate", "rotate")
     config_lib.check_prepared(cfg, {"size": 384, "normalize": "graham"}, tmp_path)  # matches
     with pytest.raises(InputError, match=r"prepared with --normalize none .* data.normalize = 'graham'"):
         config_lib.check_prepared(cfg, {"size": 384, "normalize": "none"}, tmp_path)
@@ -59,6 +61,12 @@ def test_the_study_training_options_train_and_reload(prepared: Path, tmp_path: P
     assert result["epochs_run"] == 3 and 0.0 <= result["threshold"] <= 1.0
     saved = json.loads((tmp_path / "run" / "config.json").read_text())["train"]
     assert (saved["optimizer"], saved["schedule"], saved["tta"]) == ("adamw", "cosine", "flips")
+    # The grade head trained on the records' grades: its model has the grade columns too.
+    import keras
+
+    import drtune.model  # noqa: F401  (registers the grade head's layer for loading)
+
+    assert keras.models.load_model(tmp_path / "run" / "model.keras").output.shape[-1] == 7
     assert result["threshold"] == 0.5  # train.threshold = "fixed"
     assert train_and_evaluate(cfg, prepared, tmp_path / "run")["threshold"] == result["threshold"]
 
