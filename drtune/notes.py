@@ -119,6 +119,13 @@ def _table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
 # --------------------------------------------------------------------------- the search
 
 
+def _head(cfg: Config, meta: dict[str, Any]) -> str:
+    """The classifier in words, for the study note (the grade head sums its grades into P(RDR))."""
+    if cfg.model.head == "grade":
+        return f"5-grade head (P(RDR) = the sum over grades ≥ {meta.get('rdr_grade', 2)})"
+    return "2-class head"
+
+
 def _space_rows(cfg: Config, grid: bool) -> list[list[str]]:
     if grid:
         return [[f"`{k}`", _value(list(v))] for k, v in cfg.search.grid.items()]
@@ -183,7 +190,9 @@ def write_search_note(study: optuna.Study, cfg: Config, meta: Mapping[str, Any],
         "",
         f"**Sampler:** {sampler}.  ",
         f"**Pruner:** {pruner}.  ",
-        f"**Each trial:** up to {cfg.train.epochs} epochs, ResNetV2 width {cfg.model.width}, input "
+        f"**Each trial:** up to {cfg.train.epochs} epochs, ResNetV2 width {cfg.model.width} with "
+        f"{cfg.model.blocks_per_stage} block(s) per stage and a "
+        f"{_head(cfg, meta)}, input "
         f"{cfg.data.image_size or meta.get('size', '?')} px, {cfg.data.augment} augmentation, "
         f"seed {cfg.train.seed}.",
         "",

@@ -163,6 +163,14 @@ def test_a_categorical_study_stays_categorical(tmp_path: Path) -> None:
                for t in study.trials for d in t.distributions.values())
 
 
+def test_the_note_names_the_grade_head_and_its_referral_grade() -> None:
+    from drtune.config import load_config
+
+    assert notes._head(load_config(None, ["model.head=grade"]), {"rdr_grade": 3}) == (
+        "5-grade head (P(RDR) = the sum over grades ≥ 3)")
+    assert notes._head(load_config(None), {"rdr_grade": 3}) == "2-class head"
+
+
 def test_search_and_finetune_notes(tmp_path: Path) -> None:
     from optuna_dashboard import get_note
 
@@ -170,7 +178,8 @@ def test_search_and_finetune_notes(tmp_path: Path) -> None:
     body = get_note(study)
     for text in ("## Study `demo`: what it is", "val balanced accuracy", "| test | 32 | 16 | 16 |",
                  "| total | 64 | 32 | 32 |", "`train.lr` | 0.01, 0.001, 0.0001, 1e-05", "median",
-                 "Trials so far:** 8 trial(s): 8 complete", "**Best on validation:** trial"):
+                 "Trials so far:** 8 trial(s): 8 complete", "**Best on validation:** trial",
+                 "with 1 block(s) per stage and a 2-class head, input"):
         assert text in body, text
     got = _finetune(study, path, tmp_path)
     body = get_note(study)
