@@ -210,22 +210,15 @@ class SmoothedSparseCrossentropy(keras.losses.Loss):
 
 
 @keras.saving.register_keras_serializable(package="drtune")
-class GradeCrossentropy(keras.losses.Loss):
+class GradeCrossentropy(SmoothedSparseCrossentropy):
     """Cross-entropy of the ICDR grade (int targets 0-4) against a :class:`GradeHead`'s grade
-    columns, with label smoothing over the five grades."""
+    columns, with label smoothing over the five grades: the sparse loss above, on those columns."""
 
     def __init__(self, label_smoothing: float = 0.0, name: str = "grade_crossentropy", **kwargs: object) -> None:
-        super().__init__(name=name, **kwargs)
-        self.label_smoothing = label_smoothing
+        super().__init__(label_smoothing=label_smoothing, name=name, **kwargs)
 
     def call(self, y_true: object, y_pred: object) -> object:
-        from keras import ops
-
-        onehot = ops.one_hot(ops.cast(ops.reshape(y_true, (-1,)), "int32"), N_GRADES)
-        return keras.losses.categorical_crossentropy(onehot, y_pred[:, 2:], label_smoothing=self.label_smoothing)
-
-    def get_config(self) -> dict:
-        return {**super().get_config(), "label_smoothing": self.label_smoothing}
+        return super().call(y_true, y_pred[:, 2:])
 
 
 @keras.saving.register_keras_serializable(package="drtune")
