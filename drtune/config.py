@@ -60,8 +60,10 @@ class ModelConfig:
     # (both, concatenated). A few small lesions are a small share of an average over the whole
     # field, but they set its maximum.
     pooling: str = "avg"
-    # What the classifier predicts: "referral" (2 classes, NRDR/RDR: the original network) or
-    # "grade" (the 5 ICDR grades, P(RDR) = the sum over the referable ones): see drtune/model.py.
+    # What the classifier predicts: "referral" (2 classes, NRDR/RDR: the original network),
+    # "grade" (the 5 ICDR grades, P(RDR) = the sum over the referable ones) or "ordinal" (the
+    # grades as steps of one severity score, P(RDR) = P(score past the referral step)): see
+    # drtune/model.py.
     head: str = "referral"
 
 
@@ -115,7 +117,8 @@ class TrainConfig:
 
 
 POOLINGS: tuple[str, ...] = ("avg", "max", "avgmax")
-HEADS: tuple[str, ...] = ("referral", "grade")
+HEADS: tuple[str, ...] = ("referral", "grade", "ordinal")
+GRADE_HEADS: tuple[str, ...] = ("grade", "ordinal")  # heads trained on the ICDR grades
 OPTIMIZERS: tuple[str, ...] = ("adam", "adamw")
 SCHEDULES: tuple[str, ...] = ("constant", "cosine")
 TTA_MODES: tuple[str, ...] = ("none", "flips", "dihedral")  # see drtune/tta.py
@@ -313,9 +316,10 @@ def validate(cfg: Config, source: str = "config") -> Config:
     if cfg.train.class_weights and cfg.data.balance:
         raise InputError(f"{source}: train.class_weights = true: needs data.balance = false "
                          "(oversampling already balances the classes; pick one of the two)")
-    if cfg.train.borderline and cfg.model.head == "grade":
+    if cfg.train.borderline and cfg.model.head in GRADE_HEADS:
         raise InputError(f"{source}: train.borderline = {cfg.train.borderline!r}: needs model.head = "
-                         "\"referral\" (soft NRDR/RDR targets; the grade head learns the grades themselves)")
+                         f"\"referral\" (soft NRDR/RDR targets; the {cfg.model.head} head learns the grades "
+                         "themselves)")
     _validate_grid(cfg, source)
     _validate_space(cfg, source)
     return cfg

@@ -3,7 +3,8 @@
 7x7/2 conv, BN, ReLU, 3x3/2 max-pool, three stages of pre-activation residual blocks
 (BN-ReLU-conv3x3(stride 2)-BN-ReLU-conv3x3 with a 1x1 projection shortcut) at width x (1, 2, 4)
 channels, ReLU, global average pooling (or max, or both: ``model.pooling``), dense 2 softmax
-(or, with ``model.head = "grade"``, dense 5 softmax over the ICDR grades: :class:`GradeHead`).
+(or, with ``model.head = "grade"``, dense 5 softmax over the ICDR grades: :class:`GradeHead`;
+with ``"ordinal"``, one severity score cut into the five grades: :class:`OrdinalLogits`).
 The model takes RGB pixel values in 0..255 and rescales them itself, so every caller (training,
 evaluation, predict, Grad-CAM) feeds the same thing and none can forget the scaling.
 """
@@ -16,7 +17,7 @@ from typing import Any, Iterator
 import keras
 from keras import layers
 
-from drtune.config import ModelConfig, TrainConfig
+from drtune.config import GRADE_HEADS, ModelConfig, TrainConfig
 
 FEATURE_LAYER = "features"  # last feature map, the layer Grad-CAM differentiates against
 OUTPUT_LAYER = "probs"
@@ -151,6 +152,58 @@ class GradeHead(layers.Layer):
         return {**super().get_config(), "rdr_grade": self.rdr_grade}
 
 
+@keras.saving.register_keras_serializable(package="drtune")
+class OrdinalLogits(layers.Layer):
+    """Severity score [B, 1] -> log P(grade 0), ..., log P(grade 4) [B, 5]: a cumulative-link
+    (proportional odds) model, P(grade > k) = sigmoid(score - t_k) with learned cut points
+    t_0 < t_1 < t_2 < t_3, the grade probabilities the differences of consecutive steps.
+
+    The ICDR grades are steps of one disease, not five unrelated classes: one score ranks every
+    eye, so the referral decision (P(RDR) = P(grade >= referral grade) = sigmoid(score - t)) is
+    a cut of the same ranking the grades train, where a 5-way softmax spends a separate direction
+    on each grade. Its output feeds :class:`GradeHead` as logits (the softmax of log-probabilities
+    is those probabilities), so the loss, Grad-CAM and every reader are the grade head's.
+    """
+
+    def __init__(self, n_grades: int = N_GRADES, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.n_grades = n_grades
+
+    def build(self, input_shape: tuple[Any, ...]) -> None:
+        # Cut points as the first one plus positive gaps (softplus), so they stay ordered and
+        # every grade keeps a probability >= 0; they start 1 apart around 0.
+        self.first_cut = self.add_weight(shape=(1,), initializer=keras.initializers.Constant(-1.5),
+                                         name="first_cut")
+        self.gaps = self.add_weight(shape=(self.n_grades - 2,), name="gaps",
+                                    initializer=keras.initializers.Constant(0.5413))  # softplus = 1
+
+    def cuts(self) -> Any:
+        from keras import ops
+
+        return ops.concatenate([self.first_cut, self.first_cut + ops.cumsum(ops.softplus(self.gaps))])
+
+    def call(self, score: Any) -> Any:
+        from keras import ops
+
+        above = ops.sigmoid(ops.cast(score, "float32") - self.cuts())  # [B, n-1]: P(grade > k)
+        ones, zeros = ops.ones_like(above[:, :1]), ops.zeros_like(above[:, :1])
+        p = ops.concatenate([ones, above], axis=-1) - ops.concatenate([above, zeros], axis=-1)
+        return ops.log(ops.maximum(p, 1e-7))
+
+    def compute_output_shape(self, input_shape: tuple[Any, ...]) -> tuple[Any, ...]:
+        return (input_shape[0], self.n_grades)
+
+    def get_config(self) -> dict[str, Any]:
+        return {**super().get_config(), "n_grades": self.n_grades}
+
+
+def head_kind(model: keras.Model) -> str:
+    """The model's ``model.head``: "referral", "grade" or "ordinal" (from its layers)."""
+    if grade_head(model) is None:
+        return "referral"
+    return "ordinal" if isinstance(model.get_layer("grade_logits"), OrdinalLogits) else "grade"
+
+
 def grade_head(model: keras.Model) -> GradeHead | None:
     """The model's :class:`GradeHead`, or None for a 2-class (referral) model."""
     try:
@@ -178,6 +231,10 @@ def _build(cfg: ModelConfig, input_size: int, rdr_grade: int = 2) -> keras.Model
         x = layers.Dropout(cfg.dropout, name="dropout")(x)
     if cfg.head == "grade":
         logits = layers.Dense(N_GRADES, kernel_regularizer=reg, name="grade_logits", dtype="float32")(x)
+    elif cfg.head == "ordinal":
+        score = layers.Dense(1, kernel_regularizer=reg, name="severity", dtype="float32")(x)
+        logits = OrdinalLogits(N_GRADES, name="grade_logits", dtype="float32")(score)
+    if cfg.head in GRADE_HEADS:
         outputs = GradeHead(rdr_grade, name=OUTPUT_LAYER, dtype="float32")(logits)
     else:
         outputs = layers.Dense(2, activation="softmax", kernel_regularizer=reg, name=OUTPUT_LAYER,

@@ -123,6 +123,8 @@ def _head(cfg: Config, meta: dict[str, Any]) -> str:
     """The classifier in words, for the study note (the grade head sums its grades into P(RDR))."""
     if cfg.model.head == "grade":
         return f"5-grade head (P(RDR) = the sum over grades ≥ {meta.get('rdr_grade', 2)})"
+    if cfg.model.head == "ordinal":
+        return f"ordinal grade head (one severity score; P(RDR) = P(grade ≥ {meta.get('rdr_grade', 2)}))"
     return "2-class head"
 
 

@@ -43,10 +43,10 @@ from drtune import data, devices, metrics, runs
 from drtune.callbacks import (CHANCE_LOSS, LAST, MONITOR, STATE, BestModel, ChanceLevel, Checkpoints, CSVLogger,
                               EMAWeights, EpochLog, ResumableEarlyStopping, RunOwner, RunOwnershipLost,
                               StuckAtChance, TensorBoard, ValidationMetrics, grade_chance_loss, seconds_per_epoch)
-from drtune.config import Config
+from drtune.config import GRADE_HEADS, Config
 from drtune.errors import DrtuneError, InputError
 from drtune.metrics import read_history
-from drtune.model import as_float32, build_model, compile_model, grade_head
+from drtune.model import as_float32, build_model, compile_model, head_kind
 from drtune.runs import (CHECKPOINTS_DIR, CONFIG_JSON, DATA_JSON, HISTORY_CSV, METRICS_JSON, MODEL_KERAS, TRAIN,
                          write_json)
 from drtune.tta import tta_model
@@ -295,7 +295,7 @@ def _datasets(cfg: Config, data_dir: Path, meta: dict[str, Any],
                                          image_size=image_size, meta=meta,
                                          steps_per_epoch=cfg.train.steps_per_epoch,
                                          initial_epoch=min(epochs_done, cfg.train.epochs),
-                                         borderline=cfg.train.borderline, grades=cfg.model.head == "grade")
+                                         borderline=cfg.train.borderline, grades=cfg.model.head in GRADE_HEADS)
     val_ds = data.eval_dataset(data_dir, "val", cfg.train.eval_batch_size, cache=cfg.data.cache,
                                image_size=image_size, meta=meta)
     y_val = data.split_labels(data_dir, "val", meta)
@@ -323,10 +323,10 @@ def _initial_model(cfg: Config, workdir: Path, epochs_done: int, init_model: Pat
         logging.info("warm start from %s", init_model)
     else:
         model = build_model(cfg.model, input_size, cfg.train.precision, rdr_grade)
-    if (grade_head(model) is not None) != (cfg.model.head == "grade"):
+    if head_kind(model) != cfg.model.head:
         # The pipeline's targets follow the config, the loss follows the model: they must agree.
-        raise InputError(f"{init_model}: its classifier does not match model.head = {cfg.model.head!r}; "
-                         "warm-start a model trained with the same head")
+        raise InputError(f"{init_model}: its classifier ({head_kind(model)}) does not match model.head = "
+                         f"{cfg.model.head!r}; warm-start a model trained with the same head")
     compile_model(model, cfg.train.lr, cfg.train, steps, cfg.train.precision, cfg.train.jit_compile)
     return model
 
@@ -334,7 +334,7 @@ def _initial_model(cfg: Config, workdir: Path, epochs_done: int, init_model: Pat
 def _chance_loss(cfg: Config, meta: dict[str, Any]) -> float:
     """The training loss of a run at chance level: ln 2, or for a grade head the entropy of the
     training grades as the stream draws them (class weights balance the loss as sampling would)."""
-    if cfg.model.head != "grade":
+    if cfg.model.head not in GRADE_HEADS:
         return CHANCE_LOSS
     grades = meta["splits"][TRAIN]["grades"]
     return grade_chance_loss([int(grades[str(g)]) for g in range(5)], int(meta.get("rdr_grade", 2)),

@@ -102,7 +102,7 @@ def _link_images(folder: Path, items: Sequence[tuple[str, int, Path]]) -> None:
 
 def prepare_fold(out: Path, train_items: Sequence[tuple[str, int, Path]],
                  test_items: Sequence[tuple[str, int, Path]], size: int, normalize: str,
-                 group_pattern: str | None, seed: int) -> Path:
+                 group_pattern: str | None, seed: int, val_fraction: float = 0.2) -> Path:
     """``drtune prepare`` of one fold (cached: an existing folder is reused)."""
     from drtune.prepare import PrepareOptions, Source, prepare
 
@@ -116,7 +116,8 @@ def prepare_fold(out: Path, train_items: Sequence[tuple[str, int, Path]],
     _write_labels(src / "test.csv", test_items)
     prepare(Source(src / "train", src / "train.csv", src / "test", src / "test.csv",
                    f"bench_real fold of {len(train_items) + len(test_items)} photographs"),
-            data, PrepareOptions(size=size, normalize=normalize, group_pattern=group_pattern, seed=seed))
+            data, PrepareOptions(size=size, normalize=normalize, group_pattern=group_pattern, seed=seed,
+                                 val_fraction=val_fraction))
     return data
 
 
@@ -261,6 +262,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--size", type=int, default=0, help="prepare size (default: the study's data.prepare_size or 256)")
     ap.add_argument("--normalize", default="", help="prepare normalisation (default: the study's)")
     ap.add_argument("--seed", type=int, default=0, help="fold assignment and validation split seed")
+    ap.add_argument("--val-fraction", type=float, default=0.2,
+                    help="share of each fold's training patients held out for validation")
     ap.add_argument("--limit", type=int, default=0, help="use a stratified subset of this many photographs")
     ap.add_argument("--quick", action="store_true", help="smoke variant: few epochs, small images")
     ap.add_argument("--no-finetune", action="store_true", help="skip the study's [finetune] stage")
@@ -292,7 +295,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     grades = np.array([g for _, g, _ in items])
     y = (grades >= 2).astype(int)
     folds = make_folds(names, y.tolist(), args.group_pattern, args.folds, args.seed)
-    data_key = f"data-n{len(items)}-k{args.folds}-s{args.seed}-{size}px-{normalize}"
+    data_key = f"data-n{len(items)}-k{args.folds}-s{args.seed}-{size}px-{normalize}" \
+        + (f"-val{args.val_fraction:g}" if args.val_fraction != 0.2 else "")
     # One run folder per experiment: the overrides name it (slashes would make sub-folders).
     tag = args.tag or "run-" + ("-".join(o.replace("=", "").replace("/", "_") for o in overrides) or "defaults") \
         + (f"-search-top{args.top_k}" if args.search else "")
@@ -313,7 +317,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         test_items = [items[i] for i in sorted(test_idx)]
         t0 = time.monotonic()
         data = prepare_fold(args.workdir / data_key / f"fold-{k}", train_items, test_items, size, normalize,
-                            args.group_pattern, args.seed)
+                            args.group_pattern, args.seed, args.val_fraction)
         t_prep = time.monotonic() - t0
         if args.search:
             final, result = run_fold_search(cfg, data, args.workdir / tag / f"fold-{k}", args.top_k)

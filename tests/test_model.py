@@ -158,6 +158,38 @@ def test_grade_head_sums_the_referable_grades_and_reloads(tmp_path, rdr_grade: i
     np.testing.assert_allclose(again.predict(x, verbose=0), probs, rtol=1e-5)
 
 
+@pytest.mark.parametrize("rdr_grade", [2, 3])
+def test_ordinal_head_cuts_one_severity_score_into_ordered_grades(tmp_path, rdr_grade: int) -> None:
+    # P(grade > k) = sigmoid(score - cut_k) with increasing cuts: the grade probabilities are
+    # the differences of those steps, P(RDR) is one step at the referral grade, and the head is
+    # a grade head for everything downstream (GradeHead, its loss, head_kind).
+    import keras
+
+    from drtune.model import GradeHead, OrdinalLogits, grade_head, head_kind
+
+    model = build_model(ModelConfig(width=4, head="ordinal"), input_size=32, rdr_grade=rdr_grade)
+    assert isinstance(grade_head(model), GradeHead) and isinstance(model.get_layer("grade_logits"), OrdinalLogits)
+    assert [head_kind(build_model(ModelConfig(width=4, head=h), 32)) for h in ("referral", "grade", "ordinal")] \
+        == ["referral", "grade", "ordinal"]
+    layer = model.get_layer("grade_logits")
+    layer.gaps.assign([0.3, -2.0, 1.0])  # uneven gaps: the cuts must still increase
+    cuts = keras.ops.convert_to_numpy(layer.cuts())
+    assert np.all(np.diff(cuts) > 0)
+    x = np.random.default_rng(2).uniform(0, 255, (6, 32, 32, 3)).astype("float32")
+    probs = model.predict(x, verbose=0)
+    score = keras.Model(model.inputs, model.get_layer("severity").output).predict(x, verbose=0)
+    above = 1 / (1 + np.exp(-(score - cuts)))  # [6, 4]: P(grade > k)
+    grades = np.concatenate([1 - above[:, :1], above[:, :-1] - above[:, 1:], above[:, -1:]], axis=1)
+    np.testing.assert_allclose(probs[:, 2:], grades, rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(probs[:, 1], above[:, rdr_grade - 1], rtol=1e-4)
+    # One score orders every eye: P(RDR) ranks the photographs as the score does.
+    assert list(np.argsort(probs[:, 1])) == list(np.argsort(score[:, 0]))
+    model.save(tmp_path / "m.keras")
+    again = keras.models.load_model(tmp_path / "m.keras")
+    assert head_kind(again) == "ordinal" and grade_head(again).rdr_grade == rdr_grade
+    np.testing.assert_allclose(again.predict(x, verbose=0), probs, rtol=1e-5)
+
+
 def test_grade_loss_and_accuracy_read_the_grade_and_referral_columns() -> None:
     from drtune.config import TrainConfig
     from drtune.model import GradeCrossentropy, ReferralAccuracy, compile_model

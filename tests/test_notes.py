@@ -169,6 +169,8 @@ def test_the_note_names_the_grade_head_and_its_referral_grade() -> None:
     assert notes._head(load_config(None, ["model.head=grade"]), {"rdr_grade": 3}) == (
         "5-grade head (P(RDR) = the sum over grades ≥ 3)")
     assert notes._head(load_config(None), {"rdr_grade": 3}) == "2-class head"
+    assert notes._head(load_config(None, ["model.head=ordinal"]), {}) == (
+        "ordinal grade head (one severity score; P(RDR) = P(grade ≥ 2))")
 
 
 def test_search_and_finetune_notes(tmp_path: Path) -> None:

@@ -496,13 +496,31 @@ def test_grade_head_trains_on_grades_resumes_and_evaluates(prepared: Path, tmp_p
     assert val["confusion_matrix"] == result["val"]["confusion_matrix"]
     # A warm start must keep the head the config names (targets follow the config, the loss
     # the model); data whose records are not counted as graded is refused by name.
-    with pytest.raises(InputError, match="does not match model.head = 'referral'"):
+    with pytest.raises(InputError, match=r"\(grade\) does not match model.head = 'referral'"):
         train_and_evaluate(tiny("train.epochs=1"), prepared, tmp_path / "warm", init_model=run / "model.keras")
     ungraded = make_data(tmp_path / "ungraded", {"train": (6, 6), "val": (3, 3)})
     with pytest.raises(InputError, match=r"ungraded: split 'train' has 0 graded of 12 records"):
         train_and_evaluate(tiny("train.epochs=1", "model.head=grade"), ungraded, tmp_path / "u")
     with pytest.raises(InputError, match='train.borderline = 0.2: needs model.head = "referral"'):
         tiny("model.head=grade", "train.borderline=0.2")
+
+
+def test_ordinal_head_trains_on_grades_and_keeps_its_kind(prepared: Path, tmp_path: Path) -> None:
+    # The ordinal head is a grade head to training (grade targets, the grade loss, the grade
+    # chance loss) but a head of its own kind: a warm start must name the same one.
+    from drtune.model import GradeCrossentropy, OrdinalLogits, head_kind
+
+    cfg = tiny("train.epochs=2", "model.head=ordinal", "train.chance_check_epoch=1")
+    result = train_and_evaluate(cfg, prepared, tmp_path / "ordinal")
+    model = keras.models.load_model(tmp_path / "ordinal" / "checkpoints" / "last.keras")
+    assert head_kind(model) == "ordinal" and isinstance(model.loss, GradeCrossentropy)
+    assert isinstance(model.get_layer("grade_logits"), OrdinalLogits)
+    assert result["epochs_run"] == 2 and all(np.isfinite(float(r["loss"])) for r in history(tmp_path / "ordinal"))
+    with pytest.raises(InputError, match=r"\(ordinal\) does not match model.head = 'grade'"):
+        train_and_evaluate(tiny("train.epochs=1", "model.head=grade"), prepared, tmp_path / "warm",
+                           init_model=tmp_path / "ordinal" / "model.keras")
+    with pytest.raises(InputError, match='needs model.head = "referral" .soft NRDR/RDR targets; the ordinal'):
+        tiny("model.head=ordinal", "train.borderline=0.2")
 
 
 def test_class_weights_instead_of_oversampling(tmp_path: Path) -> None:
