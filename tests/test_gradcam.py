@@ -111,6 +111,30 @@ def test_grade_head_map_explains_p_rdr_and_matches_a_two_class_twin() -> None:
         gradcam.heatmaps(model, images[:1], class_index=2)
 
 
+def test_ordinal_head_map_matches_a_two_class_twin() -> None:
+    # An ordinal head's P(RDR) is sigmoid(score - cut_1): a 2-class twin with kernels (0, w) and
+    # biases (cut_1, b) of the severity layer (w, b) computes the same P(RDR) and must get the
+    # same map.
+    import keras
+
+    keras.utils.set_random_seed(0)
+    model = build_model(ModelConfig(width=4, head="ordinal"), input_size=64)
+    severity, cut = model.get_layer("severity"), keras.ops.convert_to_numpy(model.get_layer("grade_logits").cuts())
+    # Mostly positive weights on non-negative features: a map that is not zero everywhere.
+    severity.kernel.assign(np.random.default_rng(1).normal(0.2, 0.3, severity.kernel.shape).astype(np.float32))
+    twin = build_model(ModelConfig(width=4), input_size=64)
+    for layer in twin.layers[:-1]:
+        layer.set_weights(model.get_layer(layer.name).get_weights())
+    w, b = (v.numpy() for v in (severity.kernel, severity.bias))
+    twin.layers[-1].set_weights([np.concatenate([np.zeros_like(w), w], axis=1), np.array([cut[1], b[0]], np.float32)])
+    images = np.random.default_rng(0).uniform(0, 255, (4, 64, 64, 3)).astype(np.float32)
+    np.testing.assert_allclose(twin.predict(images, verbose=0), model.predict(images, verbose=0)[:, :2], atol=1e-5)
+    maps, p = gradcam._cams(model, images, None, FEATURE_LAYER, 16)
+    np.testing.assert_allclose(p, model.predict(images, verbose=0)[:, 1], rtol=1e-4, atol=1e-6)
+    assert maps.max() > 0
+    np.testing.assert_allclose(maps, gradcam.heatmaps(twin, images), atol=1e-4)
+
+
 def test_model_without_feature_layer() -> None:
     import keras
 
