@@ -42,16 +42,19 @@ def cmd_prepare(args: argparse.Namespace) -> int:
     from drtune.prepare import PrepareOptions, prepare, resolve_source
 
     source = resolve_source(args.src, args.images, args.labels, args.test_images, args.test_labels)
-    size, normalize = args.size, args.normalize
+    size, normalize, val_fraction = args.size, args.normalize, args.val_fraction
     if args.config:
         from drtune.config import load_config
 
         # The study says how its data must be prepared; explicit flags still win.
         data = load_config(args.config).data
         size, normalize = size or data.prepare_size, normalize or data.normalize
-    opts = PrepareOptions(size=size or 256, val_fraction=args.val_fraction, rdr_grade=args.rdr_grade,
-                          group_pattern=args.group_pattern, seed=args.seed, workers=args.workers,
-                          on_error=args.on_error, normalize=normalize or "none",
+        if val_fraction is None and data.val_fraction:
+            val_fraction = data.val_fraction
+    opts = PrepareOptions(size=size or 256,
+                          val_fraction=PrepareOptions.val_fraction if val_fraction is None else val_fraction,
+                          rdr_grade=args.rdr_grade, group_pattern=args.group_pattern, seed=args.seed,
+                          workers=args.workers, on_error=args.on_error, normalize=normalize or "none",
                           jpeg_quality=args.jpeg_quality, overwrite=args.overwrite)
     prepare(source, args.out, opts)
     return 0
@@ -254,11 +257,13 @@ def _add_prepare(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--test-images", type=Path, help="folder of test photographs")
     p.add_argument("--test-labels", type=Path, help="CSV of the test photographs")
     p.add_argument("--config", help="study file or built-in study name: prepare the way it expects "
-                                    "(its data.prepare_size and data.normalize; explicit flags win)")
+                                    "(its data.prepare_size, data.normalize and data.val_fraction; "
+                                    "explicit flags win)")
     p.add_argument("--size", type=int, default=None,
                    help="output side in pixels (default: the study's data.prepare_size, else 256)")
-    p.add_argument("--val-fraction", type=float, default=0.2,
-                   help="share of training images held out for validation (default 0.2)")
+    p.add_argument("--val-fraction", type=float, default=None,
+                   help="share of training images held out for validation (default: the study's "
+                        "data.val_fraction, else 0.2)")
     p.add_argument("--rdr-grade", type=int, default=2,
                    help="lowest ICDR grade counted as referable (default 2)")
     p.add_argument("--group-pattern", help="regex whose first group keeps related images in one "

@@ -43,6 +43,9 @@ class DataConfig:
     # data prepared otherwise is refused rather than silently wrong). 0 / "": any.
     prepare_size: int = 0
     normalize: str = ""  # "" | none | graham
+    # Share of the training patients `prepare --config` holds out for validation; 0: prepare's
+    # own default (0.2). Not checked at training time: the split is the researcher's choice.
+    val_fraction: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -182,6 +185,7 @@ _RULES: tuple[tuple[str, typing.Callable[[Any], bool], str], ...] = (
     ("data.augment", lambda v: v in AUGMENT_LEVELS, f"must be one of {', '.join(AUGMENT_LEVELS)}"),
     ("data.image_size", lambda v: v == 0 or 16 <= v <= 4096, "must be 0 (as prepared) or 16-4096"),
     ("data.prepare_size", lambda v: v == 0 or 32 <= v <= 4096, "must be 0 (any) or 32-4096"),
+    ("data.val_fraction", lambda v: 0.0 <= v < 1.0, "must be 0 (prepare's default) or between 0 and 1"),
     ("data.normalize", lambda v: v in ("",) + NORMALIZATIONS,
      f"must be one of {', '.join(NORMALIZATIONS)} or \"\" (any)"),
     ("model.width", lambda v: v >= 1, "must be >= 1"),

@@ -262,8 +262,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--size", type=int, default=0, help="prepare size (default: the study's data.prepare_size or 256)")
     ap.add_argument("--normalize", default="", help="prepare normalisation (default: the study's)")
     ap.add_argument("--seed", type=int, default=0, help="fold assignment and validation split seed")
-    ap.add_argument("--val-fraction", type=float, default=0.2,
-                    help="share of each fold's training patients held out for validation")
+    ap.add_argument("--val-fraction", type=float, default=0.0, help="share of each fold's training "
+                    "patients held out for validation (default: the study's data.val_fraction, else 0.2)")
     ap.add_argument("--limit", type=int, default=0, help="use a stratified subset of this many photographs")
     ap.add_argument("--quick", action="store_true", help="smoke variant: few epochs, small images")
     ap.add_argument("--no-finetune", action="store_true", help="skip the study's [finetune] stage")
@@ -288,6 +288,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     cfg = config_lib.load_config(args.config, overrides)
     size = args.size or cfg.data.prepare_size or 256
     normalize = args.normalize or cfg.data.normalize or "none"
+    val_fraction = args.val_fraction or cfg.data.val_fraction or 0.2
     finetune = not args.no_finetune and cfg.finetune.epochs > 0
 
     items = read_source(args.images, args.labels, args.limit, args.seed)
@@ -296,13 +297,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     y = (grades >= 2).astype(int)
     folds = make_folds(names, y.tolist(), args.group_pattern, args.folds, args.seed)
     data_key = f"data-n{len(items)}-k{args.folds}-s{args.seed}-{size}px-{normalize}" \
-        + (f"-val{args.val_fraction:g}" if args.val_fraction != 0.2 else "")
+        + (f"-val{val_fraction:g}" if val_fraction != 0.2 else "")  # 0.2: folders cached before the option
     # One run folder per experiment: the overrides name it (slashes would make sub-folders).
     tag = args.tag or "run-" + ("-".join(o.replace("=", "").replace("/", "_") for o in overrides) or "defaults") \
         + (f"-search-top{args.top_k}" if args.search else "")
     print(f"bench_real: {len(items)} photographs ({int(y.sum())} RDR), {args.folds} folds by "
           f"{args.group_pattern!r}; config {args.config or 'defaults'} {' '.join(overrides)}; "
-          f"prepared at {size}px, normalize={normalize}; "
+          f"prepared at {size}px, normalize={normalize}, validation {val_fraction:g} of each fold's training "
+          "patients; "
           + (f"grid search + finetune --best --top-k {args.top_k}" if args.search
              else f"finetune={'yes' if finetune else 'no'}"), flush=True)
 
@@ -317,7 +319,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         test_items = [items[i] for i in sorted(test_idx)]
         t0 = time.monotonic()
         data = prepare_fold(args.workdir / data_key / f"fold-{k}", train_items, test_items, size, normalize,
-                            args.group_pattern, args.seed, args.val_fraction)
+                            args.group_pattern, args.seed, val_fraction)
         t_prep = time.monotonic() - t0
         if args.search:
             final, result = run_fold_search(cfg, data, args.workdir / tag / f"fold-{k}", args.top_k)

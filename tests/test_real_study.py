@@ -32,11 +32,14 @@ def test_check_prepared_names_the_difference(tmp_path: Path) -> None:
 def test_prepare_with_the_study_and_explicit_flags_winning(synth_root: Path, tmp_path: Path) -> None:
     assert main(["prepare", str(synth_root), "--out", str(tmp_path / "a"), "--config", "real"]) == 0
     meta = json.loads((tmp_path / "a" / "meta.json").read_text())
-    assert (meta["size"], meta["normalize"]) == (384, "graham")
+    assert (meta["size"], meta["normalize"], meta["val_fraction"]) == (384, "graham", 0.1)
     assert main(["prepare", str(synth_root), "--out", str(tmp_path / "b"), "--config", "real",
-                 "--size", "64", "--normalize", "none"]) == 0
+                 "--size", "64", "--normalize", "none", "--val-fraction", "0.3"]) == 0
     meta = json.loads((tmp_path / "b" / "meta.json").read_text())
-    assert (meta["size"], meta["normalize"]) == (64, "none")
+    assert (meta["size"], meta["normalize"], meta["val_fraction"]) == (64, "none", 0.3)
+    # Without a study, prepare's own default.
+    assert main(["prepare", str(synth_root), "--out", str(tmp_path / "c"), "--size", "64"]) == 0
+    assert json.loads((tmp_path / "c" / "meta.json").read_text())["val_fraction"] == 0.2
 
 
 def test_training_the_study_on_other_data_is_refused(prepared: Path, tmp_path: Path,
