@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 from pathlib import Path
 
 import numpy as np
@@ -127,10 +128,14 @@ def test_search_mode_runs_the_grid_and_the_top_k_ensemble_per_fold(
     work = tmp_path / "bench"
     argv = ["--images", str(synth_root / images), "--labels", str(synth_root / labels),
             "--config", str(study), "--set", "search.pruner=none", "--set", "finetune.epochs=1",
-            "--folds", "2", "--group-pattern", "", "--size", "64", "--normalize", "none",
+            "--folds", "2", "--group-pattern", "", "--size", "64", "--normalize", "none", "--val-fraction", "0.3",
             "--search", "--top-k", "2", "--workdir", str(work), "--tag", "s"]
     assert bench.main(argv) == 0
     first = capsys.readouterr().out.strip().splitlines()
+    # Each fold's validation split is the asked share of its training photographs.
+    (data_dir,) = work.glob("data-*-val0.3")
+    assert all(json.loads((data_dir / f"fold-{k}" / "data" / "meta.json").read_text())["val_fraction"] == 0.3
+               for k in (0, 1))
     for k in (0, 1):
         fold = work / "s" / f"fold-{k}"
         final = Path((fold / "final.txt").read_text())
