@@ -157,12 +157,13 @@ def cmd_finetune(args: argparse.Namespace) -> int:
 
     if not args.best:
         raise InputError("finetune needs --best (fine-tuning the best completed trial is the only mode)")
-    summary = finetune_best(_study_config(args), storage=args.storage, name=args.study, data_dir=args.data,
-                            top_k=args.top_k)
+    cfg = _study_config(args)
+    top_k = cfg.finetune.top_k if args.top_k is None else args.top_k
+    summary = finetune_best(cfg, storage=args.storage, name=args.study, data_dir=args.data, top_k=top_k)
     test = summary["test"]
     print(f"fine-tuned trial {summary['trial']}: test balanced accuracy {test['balanced_accuracy']:.3f}, "
           f"AUC {fmt_or_na(test['auc'])}, n={test['n']}; run in {summary['run_dir']}")
-    ens = summary.get("ensemble") if args.top_k > 1 else None
+    ens = summary.get("ensemble") if top_k > 1 else None
     if ens:
         print(f"ensemble of trials {', '.join(map(str, ens['trials']))}: test balanced accuracy "
               f"{ens['test']['balanced_accuracy']:.3f}, AUC {fmt_or_na(ens['test']['auc'])}; run in {ens['run_dir']}")
@@ -341,7 +342,7 @@ def _add_gradcam(sub: argparse._SubParsersAction) -> None:
 
 def _study_args(p: argparse.ArgumentParser, data: bool = True, overrides: bool = True) -> None:
     p.add_argument("--config", type=Path,
-                   help="study TOML, or a built-in study: demo, idrid_grid, idrid (default: demo)")
+                   help="study TOML, or a built-in study: demo, idrid_grid, idrid, real (default: demo)")
     p.add_argument("--storage", help="SQLAlchemy URL (default: $DRTUNE_STORAGE, else the study's "
                                      "search.storage, else sqlite:///<search.workdir>/optuna.db)")
     p.add_argument("--study", help="study name (default: the study's)")
@@ -374,9 +375,10 @@ def _add_finetune(sub: argparse._SubParsersAction) -> None:
                                    "study's [finetune] settings (lr 1e-5, strong augmentation, 50 "
                                    "epochs by default), then evaluate on the test split.")
     p.add_argument("--best", action="store_true", help="fine-tune the best completed trial")
-    p.add_argument("--top-k", type=int, default=1, metavar="K",
+    p.add_argument("--top-k", type=int, default=None, metavar="K",
                    help="also fine-tune the next K-1 completed trials and test the ensemble that averages "
-                        "the K fine-tuned models (a run in STUDY/finetune-topK; default 1: no ensemble)")
+                        "the K fine-tuned models (a run in STUDY/finetune-topK; default: the study's "
+                        "finetune.top_k, else 1: no ensemble)")
     _study_args(p)
     p.set_defaults(handler=cmd_finetune)
 

@@ -166,6 +166,9 @@ class FinetuneConfig:
     epochs: int = 50
     augment: str = "strong"
     gradcam: int = 16  # test images in the Grad-CAM galleries uploaded to the study; 0: none
+    # `finetune --best` also fine-tunes the next K-1 completed trials and tests their ensemble
+    # (an explicit --top-k wins): a study whose result is an ensemble says so here.
+    top_k: int = 1
 
 
 @dataclass(frozen=True)
@@ -188,6 +191,7 @@ _RULES: tuple[tuple[str, typing.Callable[[Any], bool], str], ...] = (
     ("data.val_fraction", lambda v: 0.0 <= v < 1.0, "must be 0 (prepare's default) or between 0 and 1"),
     ("data.normalize", lambda v: v in ("",) + NORMALIZATIONS,
      f"must be one of {', '.join(NORMALIZATIONS)} or \"\" (any)"),
+    ("finetune.top_k", lambda v: v >= 1, "must be >= 1"),
     ("model.width", lambda v: v >= 1, "must be >= 1"),
     ("model.blocks_per_stage", lambda v: v >= 1, "must be >= 1"),
     ("model.dropout", lambda v: 0.0 <= v < 1.0, "must be in [0, 1)"),

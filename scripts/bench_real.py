@@ -269,14 +269,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--no-finetune", action="store_true", help="skip the study's [finetune] stage")
     ap.add_argument("--search", action="store_true", help="per fold, run the study's grid search and "
                     "finetune --best (as a user would) instead of training the study's defaults once")
-    ap.add_argument("--top-k", type=int, default=1, help="with --search: finetune --best --top-k K "
-                    "(the ensemble of the K best trials)")
+    ap.add_argument("--top-k", type=int, default=0, help="with --search: finetune --best --top-k K "
+                    "(the ensemble of the K best trials; default: the study's finetune.top_k)")
     ap.add_argument("--workdir", type=Path, default=Path("/tmp/drtune-bench-real"))
     ap.add_argument("--tag", default="", help="name of this experiment's run folder (default: from the settings)")
     args = ap.parse_args(argv)
     if args.folds < 2:
         ap.error("--folds must be >= 2")
-    if args.top_k < 1 or (args.top_k > 1 and not args.search):
+    if args.top_k < 0 or (args.top_k > 1 and not args.search):
         ap.error("--top-k must be >= 1, and above 1 only with --search")
 
     from absl import logging
@@ -286,6 +286,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.quick:
         overrides = ["train.epochs=3", "finetune.epochs=1", "data.image_size=96", "model.width=8"] + overrides
     cfg = config_lib.load_config(args.config, overrides)
+    top_k = args.top_k or cfg.finetune.top_k  # as `finetune --best` takes it: --top-k, else the study's
     size = args.size or cfg.data.prepare_size or 256
     normalize = args.normalize or cfg.data.normalize or "none"
     val_fraction = args.val_fraction or cfg.data.val_fraction or 0.2
@@ -300,12 +301,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         + (f"-val{val_fraction:g}" if val_fraction != 0.2 else "")  # 0.2: folders cached before the option
     # One run folder per experiment: the overrides name it (slashes would make sub-folders).
     tag = args.tag or "run-" + ("-".join(o.replace("=", "").replace("/", "_") for o in overrides) or "defaults") \
-        + (f"-search-top{args.top_k}" if args.search else "")
+        + (f"-search-top{top_k}" if args.search else "")
     print(f"bench_real: {len(items)} photographs ({int(y.sum())} RDR), {args.folds} folds by "
           f"{args.group_pattern!r}; config {args.config or 'defaults'} {' '.join(overrides)}; "
           f"prepared at {size}px, normalize={normalize}, validation {val_fraction:g} of each fold's training "
           "patients; "
-          + (f"grid search + finetune --best --top-k {args.top_k}" if args.search
+          + (f"grid search + finetune --best --top-k {top_k}" if args.search
              else f"finetune={'yes' if finetune else 'no'}"), flush=True)
 
     t_start = time.monotonic()
@@ -322,7 +323,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                             args.group_pattern, args.seed, val_fraction)
         t_prep = time.monotonic() - t0
         if args.search:
-            final, result = run_fold_search(cfg, data, args.workdir / tag / f"fold-{k}", args.top_k)
+            final, result = run_fold_search(cfg, data, args.workdir / tag / f"fold-{k}", top_k)
         else:
             final, result = run_fold(cfg, data, args.workdir / tag / f"fold-{k}", finetune)
         fold_names, fold_y, fold_p = _read_predictions(final / "eval-test" / "predictions.csv")
@@ -361,7 +362,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     print("per grade, pooled out-of-fold:", *_grade_lines(s["by_grade"]), sep="\n")
     (args.workdir / tag).mkdir(parents=True, exist_ok=True)
     (args.workdir / tag / "cv.json").write_text(json.dumps({"overrides": overrides, "config": args.config,
-                                                            "search": args.search, "top_k": args.top_k,
+                                                            "search": args.search, "top_k": top_k,
                                                             "size": size, "normalize": normalize,
                                                             "minutes": minutes, **s}, indent=2, default=float))
     print(f"cv_auc={s['auc']:.4f} cv_balanced_accuracy={s['balanced_accuracy']:.4f} minutes={minutes:.1f}")

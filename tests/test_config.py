@@ -54,6 +54,7 @@ def test_int_accepted_for_float(tmp_path: Path) -> None:
     ("[train]\nepochs = 0\n", "train.epochs = 0: must be >= 1"),
     ("[data]\naugment = 'extreme'\n", "data.augment = 'extreme': must be one of none, base, rotate, strong"),
     ("[model]\ndropout = 1.0\n", "model.dropout"),
+    ("[finetune]\ntop_k = 0\n", "finetune.top_k = 0: must be >= 1"),
     ("[data]\nval_fraction = 1.0\n", "data.val_fraction = 1.0: must be 0 (prepare's default) or between 0 and 1"),
     ("[model]\nhead = 'regression'\n", "model.head = 'regression': must be one of referral, grade, ordinal"),
     ("train = 3\n", "expected a [train] section"),

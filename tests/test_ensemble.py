@@ -171,9 +171,13 @@ def test_finetune_top_k_records_the_ensemble(two_trial_study: Path, capsys, capl
     assert "**Ensemble of the top 2 trials**" in note and "best single model (trial" in note
     assert note.count("](/artifacts/") >= 6  # the fine-tuned model's plots and the ensemble's
     assert main(["status", "--config", str(path)]) == 0
-    # A second run finds everything recorded and uploads nothing twice.
-    assert main(["finetune", "--best", "--top-k", "2", "--config", str(path)]) == 0
+    capsys.readouterr()
+    # A second run finds everything recorded and uploads nothing twice; the study's
+    # finetune.top_k asks for the ensemble as --top-k does.
+    assert main(["finetune", "--best", "--config", str(path), "--set", "finetune.top_k=2"]) == 0
     assert len(get_all_artifact_meta(study)) == len(names)
+    again = capsys.readouterr().out
+    assert f"ensemble of trials {ens['trials'][0]}, {ens['trials'][1]}: test balanced accuracy" in again
 
 
 @pytest.mark.slow

@@ -21,8 +21,9 @@ def test_check_prepared_names_the_difference(tmp_path: Path) -> None:
     # The grade head, and a finetune stage that augments as training does: both measured better.
     assert (cfg.model.head, cfg.data.augment, cfg.finetune.augment) == ("grade", "rotate", "rotate")
     # Its grid is three seeds of that configuration, all completing (the pruner starts after
-    # three trials): `finetune --best --top-k 3` averages them, the study's measured result.
+    # three trials): `finetune --best` averages them (finetune.top_k), the study's measured result.
     assert cfg.search.grid == {"train.seed": [0, 1, 2]} and cfg.search.pruner_startup_trials >= 3
+    assert cfg.finetune.top_k == 3
     config_lib.check_prepared(cfg, {"size": 384, "normalize": "graham"}, tmp_path)  # matches
     with pytest.raises(InputError, match=r"prepared with --normalize none .* data.normalize = 'graham'"):
         config_lib.check_prepared(cfg, {"size": 384, "normalize": "none"}, tmp_path)
