@@ -102,7 +102,7 @@ def _link_images(folder: Path, items: Sequence[tuple[str, int, Path]]) -> None:
 
 def prepare_fold(out: Path, train_items: Sequence[tuple[str, int, Path]],
                  test_items: Sequence[tuple[str, int, Path]], size: int, normalize: str,
-                 group_pattern: str | None, seed: int, val_fraction: float = 0.2) -> Path:
+                 group_pattern: str | None, seed: int, val_fraction: float) -> Path:
     """``drtune prepare`` of one fold (cached: an existing folder is reused)."""
     from drtune.prepare import PrepareOptions, Source, prepare
 
@@ -289,7 +289,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     top_k = args.top_k or cfg.finetune.top_k  # as `finetune --best` takes it: --top-k, else the study's
     size = args.size or cfg.data.prepare_size or 256
     normalize = args.normalize or cfg.data.normalize or "none"
-    val_fraction = args.val_fraction or cfg.data.val_fraction or 0.2
+    from drtune.prepare import PrepareOptions
+
+    default_val = PrepareOptions.val_fraction  # prepare's own default, as `drtune prepare` takes it
+    val_fraction = args.val_fraction or cfg.data.val_fraction or default_val
     finetune = not args.no_finetune and cfg.finetune.epochs > 0
 
     items = read_source(args.images, args.labels, args.limit, args.seed)
@@ -298,7 +301,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     y = (grades >= 2).astype(int)
     folds = make_folds(names, y.tolist(), args.group_pattern, args.folds, args.seed)
     data_key = f"data-n{len(items)}-k{args.folds}-s{args.seed}-{size}px-{normalize}" \
-        + (f"-val{val_fraction:g}" if val_fraction != 0.2 else "")  # 0.2: folders cached before the option
+        + (f"-val{val_fraction:g}" if val_fraction != default_val else "")  # as cached before the option
     # One run folder per experiment: the overrides name it (slashes would make sub-folders).
     tag = args.tag or "run-" + ("-".join(o.replace("=", "").replace("/", "_") for o in overrides) or "defaults") \
         + (f"-search-top{top_k}" if args.search else "")
